@@ -1,0 +1,69 @@
+"""Shared fixtures: the golden reference set named by DIFFBIR_GOLDEN."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+MANIFESTS = ROOT.parent / "shared" / "reference" / "manifests"
+
+
+def golden_dir() -> Path:
+    return Path(os.environ.get("DIFFBIR_GOLDEN", ROOT.parent / "shared" / "reference" / "golden" / "shared"))
+
+
+@pytest.fixture(scope="session")
+def golden() -> Path:
+    path = golden_dir()
+    if not (path / "set.json").is_file():
+        pytest.fail(f"golden fixture set not found at {path} (set DIFFBIR_GOLDEN)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def golden_set(golden) -> dict:
+    return json.loads((golden / "set.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_configs(golden) -> dict:
+    return json.loads((golden / "configs" / "tiny_configs.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def full_configs(golden) -> dict:
+    return json.loads((golden / "configs" / "full_configs.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def fixture_index(golden) -> dict:
+    return json.loads((golden / "fixtures" / "INDEX.json").read_text())
+
+
+def load_fixture(golden: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(golden / "fixtures" / f"{name}.safetensors"))
+
+
+def assert_close_golden(actual: torch.Tensor, golden: torch.Tensor, rtol: float, atol_rel: float, name: str = "") -> None:
+    """The README's acceptance rule: |a - g| <= atol + rtol*|g|, atol = atol_rel * max|g|."""
+    actual = actual.detach().to(torch.float64).cpu()
+    golden = golden.to(torch.float64)
+    assert actual.shape == golden.shape, f"{name}: shape {tuple(actual.shape)} != golden {tuple(golden.shape)}"
+    atol = atol_rel * golden.abs().max().item()
+    err = (actual - golden).abs()
+    bound = atol + rtol * golden.abs()
+    worst = (err / bound).max().item() if err.numel() else 0.0
+    assert worst <= 1.0, (
+        f"{name}: max |diff| {err.max().item():.3e} exceeds tolerance (worst diff/bound {worst:.3f}, "
+        f"max|golden| {golden.abs().max().item():.3e})"
+    )
+
+
+# Tolerances from the golden README, section 7.
+SINGLE_EVAL = dict(rtol=1e-3, atol_rel=1e-4)
+SAMPLING = dict(rtol=1e-2, atol_rel=1e-3)
