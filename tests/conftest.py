@@ -67,3 +67,18 @@ def assert_close_golden(actual: torch.Tensor, golden: torch.Tensor, rtol: float,
 # Tolerances from the golden README, section 7.
 SINGLE_EVAL = dict(rtol=1e-3, atol_rel=1e-4)
 SAMPLING = dict(rtol=1e-2, atol_rel=1e-3)
+
+
+def full_key_shapes(golden: Path, layout: str) -> dict[str, list[int]]:
+    """{key: shape} of one released-file layout in the set's configs/full_keys.json; `layout` is
+    the first word of the file entry (sd21, ircontrolnet, swinir)."""
+    files = json.loads((golden / "configs" / "full_keys.json").read_text())["files"]
+    (entry,) = [v for k, v in files.items() if k.split()[0] == layout]
+    return {key: shape for key, (shape, _dtype) in entry.items()}
+
+
+def manifest_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """A state dict with exactly the keys, shapes and dtypes of a reference manifest. Values are
+    uninitialised (torch.empty touches no memory), which is all a layout test needs."""
+    keys = json.loads((MANIFESTS / name).read_text())["keys"]
+    return {k: torch.empty(v["shape"], dtype=getattr(torch, v["dtype"])) for k, v in keys.items()}

@@ -62,7 +62,7 @@ def unwrap(obj: object, path: str | Path = "<state dict>") -> StateDict:
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not sd:
-        raise CheckpointError(f"{path}: contains no tensors (top-level keys: {_preview(obj.keys())})")
+        raise CheckpointError(f"{path}: contains no tensors (top-level keys: {preview_keys(obj.keys())})")
     if next(iter(sd)).startswith("module."):
         sd = {k.removeprefix("module."): v for k, v in sd.items()}
     return sd
@@ -77,7 +77,7 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{"
 
 
-def _preview(keys, n: int = 8) -> str:
+def preview_keys(keys, n: int = 8) -> str:
     keys = list(keys)
     more = f", ... ({len(keys)} in all)" if len(keys) > n else ""
     return ", ".join(map(str, keys[:n])) + more

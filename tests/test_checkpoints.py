@@ -1,0 +1,145 @@
+"""Official layouts: detection, strict conversion, clear refusals, the platform format, the CLI."""
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+
+import pytest
+import torch
+from conftest import MANIFESTS, manifest_state_dict
+from safetensors.torch import save_file
+
+from diffbir.checkpoints.io import CheckpointError, read_state_dict
+from diffbir.checkpoints.official import split_official
+from diffbir.checkpoints.parts import build_part, infer_config
+from diffbir.cli import main as cli_main
+
+# What each reference manifest is, in the platform's layout names.
+MANIFEST_LAYOUTS = {
+    "sd21_base_keys_read_by_diffbir.json": "sd21",
+    "sd21_base_latentdiffusion_derived.json": "sd21",
+    "diffbir_ircontrolnet_checkpoint.json": "ircontrolnet",
+    "diffbir_swinir_stage1.json": "swinir",
+    "diffbir_v1_swinir_module.json": "swinir",
+    "diffbir_v1_full_ckpt_controlldm.json": "diffbir_v1_full",
+    "diffbir_v2_controlldm_full_module.json": "diffbir_v2_cldm",
+    "diffbir_v2_unet_module.json": "ldm_unet",
+    "diffbir_v2_vae_module.json": "ldm_vae",
+    "diffbir_v2_clip_module.json": "openclip_text",
+    "bsrnet_rrdbnet_x4.json": "spandrel:ESRGAN",
+    "scunet_color_real_psnr.json": "spandrel:SCUNet",
+}
+
+
+def test_every_manifest_is_covered():
+    on_disk = {p.name for p in MANIFESTS.glob("*.json")} - {"INDEX.json"}
+    assert on_disk == set(MANIFEST_LAYOUTS)
+
+
+def _build_all(official):
+    return {
+        name: build_part(
+            name,
+            infer_config(name, sd, source=official.path, layout=official.layout),
+            sd,
+            official=True,
+            source=official.path,
+            layout=official.layout,
+        )
+        for name, sd in official.parts.items()
+    }
+
+
+@pytest.mark.parametrize("manifest", sorted(MANIFEST_LAYOUTS))
+def test_manifest_layout_loads_strictly(manifest):
+    sd = manifest_state_dict(manifest)
+    official = split_official(sd, manifest)
+    assert official.layout == MANIFEST_LAYOUTS[manifest]
+    if official.stage1 is not None:
+        assert sum(v.numel() for v in official.stage1.state_dict().values()) == sum(v.numel() for v in sd.values())
+        return
+    modules = _build_all(official)
+    # every tensor of the file landed in a module (nothing silently dropped) ...
+    used = sum(v.numel() for part in official.parts.values() for v in part.values())
+    loaded = sum(v.numel() for m in modules.values() for v in m.state_dict().values())
+    assert used == loaded
+    # ... and only known non-weight buffers were left out
+    assert all(k in json.loads((MANIFESTS / manifest).read_text()).get("non_parameter_keys", []) or "." not in k
+               for k in official.ignored), official.ignored[:5]
+
+
+@pytest.mark.parametrize(
+    "manifest,part", [("diffbir_ircontrolnet_checkpoint.json", "controlnet"), ("diffbir_v2_vae_module.json", "vae")]
+)
+def test_mismatching_files_are_refused_with_clear_errors(manifest, part):
+    good = manifest_state_dict(manifest)
+    # a conv weight the architecture inference does not read: the strict check must catch it
+    first = [k for k in good if k.endswith(("conv2.weight", "out_layers.3.weight"))][-1]
+
+    def attempt(sd):
+        official = split_official(sd, "/data/weights.pth")
+        with pytest.raises(CheckpointError) as err:
+            _build_all(official)
+        msg = str(err.value)
+        assert "/data/weights.pth" in msg and official.layout in msg
+        return msg
+
+    missing = dict(good)
+    del missing[first]
+    assert "missing" in attempt(missing)
+    extra = {**good, "input_blocks.99.0.weight": torch.empty(1), "encoder.bogus.weight": torch.empty(1)}
+    assert "not used" in attempt(extra)
+    wrong = dict(good)
+    wrong[first] = torch.empty(wrong[first].shape[0] + 1, *wrong[first].shape[1:])
+    msg = attempt(wrong)
+    assert "shapes differ" in msg and str(list(wrong[first].shape)) in msg
+
+
+def test_unknown_layout_names_file_and_prefixes():
+    sd = {"foo.weight": torch.zeros(2, 2), "bar.bias": torch.zeros(2)}
+    with pytest.raises(CheckpointError, match=r"x\.pth: matches no known layout.*bar, foo"):
+        split_official(sd, "x.pth")
+
+
+def test_unreadable_and_unsafe_files_are_refused(tmp_path):
+    truncated = tmp_path / "t.safetensors"
+    save_file({"a": torch.zeros(100)}, str(truncated))
+    truncated.write_bytes(truncated.read_bytes()[:-50])
+    with pytest.raises(CheckpointError, match="t.safetensors"):
+        read_state_dict(truncated)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "x": Evil()}, evil)
+    with pytest.raises(CheckpointError, match="refused to unpickle"):
+        read_state_dict(evil)
+    garbage = tmp_path / "g.pth"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="g.pth"):
+        read_state_dict(garbage)
+    with pytest.raises(CheckpointError, match="no such file"):
+        read_state_dict(tmp_path / "absent.pth")
+    assert zipfile.is_zipfile(evil) and pickle  # the refused file is a normal torch.save zip
+
+
+def test_wrapped_and_prefixed_checkpoints(tmp_path):
+    sd = {"conv.weight": torch.randn(2, 2)}
+    path = tmp_path / "w.ckpt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, path)
+    assert torch.equal(read_state_dict(path)["conv.weight"], sd["conv.weight"])
+
+
+def test_cli_info_and_errors(golden, tiny_configs, capsys, tmp_path):
+    weights = golden / "weights"
+    heads = str(tiny_configs["cldm"]["params"]["controlnet_cfg"]["num_head_channels"])
+    assert cli_main(["info", "--json", "--num-head-channels", heads, str(weights / "ircontrolnet_tiny.safetensors")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layout"] == "ircontrolnet" and set(info["parts"]) == {"controlnet"}
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"\0" * 10)
+    assert cli_main(["info", str(bad)]) == 2
+    assert "bad.pth" in capsys.readouterr().err
