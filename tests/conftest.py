@@ -82,3 +82,15 @@ def manifest_state_dict(name: str) -> dict[str, torch.Tensor]:
     uninitialised (torch.empty touches no memory), which is all a layout test needs."""
     keys = json.loads((MANIFESTS / name).read_text())["keys"]
     return {k: torch.empty(v["shape"], dtype=getattr(torch, v["dtype"])) for k, v in keys.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(golden, tiny_configs):
+    """The set's tiny reference weights (SD 2.1 UNet+VAE, IRControlNet, SwinIR) loaded through
+    the official-layout converters."""
+    from diffbir.checkpoints.loading import load_model
+
+    weights = golden / "weights"
+    heads = tiny_configs["cldm"]["params"]["unet_cfg"]["num_head_channels"]
+    files = [weights / "sd21_tiny.safetensors", weights / "ircontrolnet_tiny.safetensors", weights / "swinir_tiny.safetensors"]
+    return load_model(files, num_head_channels=heads)
