@@ -69,8 +69,10 @@ LAYOUTS: dict[str, Layout] = {
 def detect_layout(sd: Mapping[str, torch.Tensor]) -> str | None:
     """The name of the official DiffBIR/SD layout `sd` is in, or None."""
     has = lambda prefix: any(k.startswith(prefix) for k in sd)  # noqa: E731
-    if has("model.diffusion_model."):
-        return "diffbir_v1_full" if has("control_model.") else "sd21"
+    if has("control_model.") and has("model.diffusion_model."):
+        return "diffbir_v1_full"
+    if any(map(has, _SD_PARTS)):
+        return "sd21"
     if has("controlnet.zero_convs.") and has("unet."):
         return "diffbir_v2_cldm"
     if "zero_convs.0.0.weight" in sd or "middle_block_out.0.weight" in sd:
