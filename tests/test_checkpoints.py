@@ -143,3 +143,29 @@ def test_cli_info_and_errors(golden, tiny_configs, capsys, tmp_path):
     bad.write_bytes(b"\0" * 10)
     assert cli_main(["info", str(bad)]) == 2
     assert "bad.pth" in capsys.readouterr().err
+
+
+def test_text_tower_converted_back_from_diffusers_loads():
+    """sd2.1-base-zsnr-laionaes5.ckpt was converted from diffusers: no text_projection, no
+    logit_scale, no last block. It must load and compute exactly what the complete file does."""
+    from diffbir.models.text_encoder import OpenCLIPTextEncoder, TextEncoderConfig
+
+    torch.manual_seed(0)
+    full = OpenCLIPTextEncoder(TextEncoderConfig(width=128, heads=2, layers=3, output_dim=128))
+    for p in full.parameters():
+        p.data.normal_(0, 0.05)
+    sd = {f"cond_stage_model.{k}": v for k, v in full.state_dict().items()}
+    partial = {k: v for k, v in sd.items()
+               if "text_projection" not in k and "logit_scale" not in k and ".resblocks.2." not in k}
+    official = split_official(partial, "zsnr.ckpt")
+    config = infer_config("text_encoder", official.parts["text_encoder"], source="zsnr.ckpt", layout="sd21")
+    assert config.layers == 3 and config.layer == "penultimate"
+    loaded = build_part("text_encoder", config, official.parts["text_encoder"], official=True, source="zsnr.ckpt",
+                        layout="sd21")
+    tokens = torch.randint(0, 49407, (2, 77))
+    assert torch.equal(loaded(tokens), full(tokens))
+    # a complete file must still be complete: dropping a used key is refused
+    del partial["cond_stage_model.model.ln_final.weight"]
+    with pytest.raises(CheckpointError, match="missing"):
+        build_part("text_encoder", config, split_official(partial, "x").parts["text_encoder"], official=True,
+                   source="x", layout="sd21")

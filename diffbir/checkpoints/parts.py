@@ -15,7 +15,7 @@ from torch import nn
 from diffbir.checkpoints.io import CheckpointError, preview_keys
 from diffbir.checkpoints.ldm_keys import Rename, is_vae_attention_projection, unet_rename, vae_rename
 from diffbir.models.swinir import SwinIR, SwinIRConfig
-from diffbir.models.text_encoder import OpenCLIPTextEncoder, TextEncoderConfig
+from diffbir.models.text_encoder import OpenCLIPTextEncoder, TextEncoderConfig, unused_text_keys
 from diffbir.models.unet import IRControlNet, UNetConfig, build_unet
 from diffbir.models.vae import CondEncoder, VAEConfig, build_vae
 
@@ -34,6 +34,8 @@ class PartSpec:
     official_rename: Callable[[BaseModel], Rename] | None = None
     adapt: Adapt | None = None
     description: str = ""
+    # keys a file may lack because the computation never reads them (filled with zeros)
+    unused_keys: Callable[[BaseModel], set[str]] = lambda config: set()
 
 
 PARTS: dict[str, PartSpec] = {
@@ -54,7 +56,9 @@ PARTS: dict[str, PartSpec] = {
         _squeeze_vae_attention,
         "DiffBIR v1 condition encoder",
     ),
-    "text_encoder": PartSpec(TextEncoderConfig, OpenCLIPTextEncoder, description="OpenCLIP ViT-H/14 text tower"),
+    "text_encoder": PartSpec(
+        TextEncoderConfig, OpenCLIPTextEncoder, description="OpenCLIP ViT-H/14 text tower", unused_keys=unused_text_keys
+    ),
     "swinir": PartSpec(SwinIRConfig, SwinIR, description="DiffBIR SwinIR restoration module"),
 }
 
@@ -94,7 +98,15 @@ def build_part(
     with torch.device("meta"):
         module = spec.build(config)
     rename = spec.official_rename(config) if official and spec.official_rename else None
-    load_strict(module, sd, rename, spec.adapt if official else None, source=source, what=f"{layout} / {part}")
+    load_strict(
+        module,
+        sd,
+        rename,
+        spec.adapt if official else None,
+        source=source,
+        what=f"{layout} / {part}",
+        may_lack=spec.unused_keys(config),
+    )
     rebuild = getattr(module, "rebuild_buffers", None)
     if rebuild is not None:
         rebuild()
@@ -109,8 +121,10 @@ def load_strict(
     *,
     source: str,
     what: str,
+    may_lack: set[str] = frozenset(),
 ) -> None:
-    """Every file key used, every module tensor filled, every shape equal; else a clear error."""
+    """Every file key used, every module tensor filled, every shape equal; else a clear error.
+    Keys in `may_lack` (never read by the computation) are zero-filled when the file lacks them."""
     expected = module.state_dict()
     converted: dict[str, torch.Tensor] = {}
     unused: list[str] = []
@@ -120,6 +134,9 @@ def load_strict(
             unused.append(key)
             continue
         converted[new] = adapt(new, value) if adapt else value
+    for k in may_lack - converted.keys():
+        if k in expected:
+            converted[k] = torch.zeros(expected[k].shape, dtype=expected[k].dtype)
     missing = [k for k in expected if k not in converted]
     wrong = [
         f"{k}: file {list(v.shape)} vs model {list(expected[k].shape)}"

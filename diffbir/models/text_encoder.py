@@ -40,17 +40,31 @@ class TextEncoderConfig(BaseModel):
         shape: default to 64-wide heads (ViT-H/14: 1024 // 64 = 16) unless given."""
         vocab_size, width = state_dict["model.token_embedding.weight"].shape
         blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"model\.transformer\.resblocks\.(\d+)\.", k))}
+        # Files converted back from diffusers (e.g. sd2.1-base-zsnr-laionaes5.ckpt) have no
+        # text_projection and lack the last block, which diffusers drops because SD 2.x reads the
+        # penultimate layer; the tower still has one block more than the file holds.
+        converted_from_diffusers = "model.text_projection" not in state_dict
         return cls(
             width=width,
-            layers=len(blocks),
+            layers=len(blocks) + converted_from_diffusers,
             heads=heads if heads is not None else width // 64,
             context_length=state_dict["model.positional_embedding"].shape[0],
             vocab_size=vocab_size,
-            # absent from diffusers-converted files (unused here): keep the width then
             output_dim=state_dict["model.text_projection"].shape[1] if "model.text_projection" in state_dict else width,
             mlp_ratio=state_dict["model.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
             **overrides,
         )
+
+
+def unused_text_keys(config: TextEncoderConfig) -> set[str]:
+    """Keys the computation never reads: a file may lack them (see `infer`)."""
+    keys = {"model.text_projection", "model.logit_scale"}
+    if config.layer == "penultimate":
+        last = f"model.transformer.resblocks.{config.layers - 1}."
+        keys |= {last + k for k in ("ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias",
+                                    "attn.out_proj.weight", "attn.out_proj.bias", "ln_2.weight", "ln_2.bias",
+                                    "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")}
+    return keys
 
 
 class OpenCLIPTextEncoder(nn.Module):
