@@ -24,10 +24,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(os.environ.get("DIFFBIR_GOLDEN", ROOT.parent / "shared" / "reference" / "golden" / "shared"))
 
+# Peak RSS from VmHWM: unlike getrusage's ru_maxrss it is not inherited across fork+exec from
+# the (large) parent that generated the files.
 CHILD = r"""
-import resource, sys, time, json, torch
+import sys, time, json, torch
 from diffbir.checkpoints.loading import load_model
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm_gb():
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024 / 1e9
+base = hwm_gb()
 t = time.perf_counter()
 bundle = load_model(sys.argv[1:])
 load_s = time.perf_counter() - t
@@ -38,8 +43,7 @@ for part in bundle.parts.values():
         total += float(v.double().sum()) if v.is_floating_point() else 0.0  # touch every page
         nbytes += v.numel() * v.element_size()
 ready_s = time.perf_counter() - t
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"weights_gb": nbytes / 1e9, "peak_rss_gb": peak * 1024 / 1e9, "import_rss_gb": base * 1024 / 1e9,
+print(json.dumps({"weights_gb": nbytes / 1e9, "peak_rss_gb": hwm_gb(), "import_rss_gb": base,
                   "load_s": load_s, "ready_s": ready_s}))
 """
 
