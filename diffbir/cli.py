@@ -1,4 +1,4 @@
-"""`diffbir` command line: info and convert (restore and eval build on the same entry point)."""
+"""`diffbir` command line: info, convert and restore."""
 from __future__ import annotations
 
 import argparse
@@ -8,12 +8,17 @@ import sys
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from tqdm import tqdm
 
 from diffbir.checkpoints.info import describe, format_description
 from diffbir.checkpoints.io import CheckpointError
 from diffbir.checkpoints.loading import convert
 from diffbir.config import DiffusionConfig, load_config
+from diffbir.image_io import ImageError, read_image, write_image
+from diffbir.pipeline import RestorationPipeline, RestoreOptions
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -62,6 +67,95 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+class RestoreConfig(RestoreOptions):
+    """`diffbir restore`: restoration options plus what to read, what to write and how to run."""
+
+    inputs: list[str]
+    output: str
+    model: list[str]  # a platform model directory, or official files
+    device: str = "cpu"
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    batch_size: int = Field(1, ge=1)
+    format: Literal["same", "png", "jpg", "webp"] = "same"
+    overwrite: bool = False
+    num_head_channels: int = 64
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+def collect_jobs(inputs: list[str], output: str, fmt: str) -> list[tuple[Path, Path]]:
+    """(input file, output file) pairs; folders are walked recursively and their layout kept."""
+    jobs = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            jobs += [(f, Path(output) / f.relative_to(item)) for f in files]
+        elif item.is_file():
+            jobs.append((item, Path(output) / item.name))
+        else:
+            raise FileNotFoundError(f"{item}: no such file or folder")
+    suffix = lambda p: p.suffix if fmt == "same" and p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") else (  # noqa: E731
+        ".png" if fmt == "same" else f".{fmt}"
+    )
+    return [(src, dst.with_suffix(suffix(dst))) for src, dst in jobs]
+
+
+def _cmd_restore(args) -> int:
+    overrides = {f: getattr(args, f) for f in RestoreConfig.model_fields if getattr(args, f, None) is not None}
+    cfg = load_config(RestoreConfig, args.config, **overrides)
+    jobs = collect_jobs(cfg.inputs, cfg.output, cfg.format)
+    todo = [(src, dst) for src, dst in jobs if cfg.overwrite or not dst.exists()]
+    if len(todo) < len(jobs):
+        print(f"skipping {len(jobs) - len(todo)} outputs that exist (--overwrite to redo them)")
+    if not todo:
+        return 0
+    pipe = RestorationPipeline.from_pretrained(cfg.model, cfg.device, cfg.dtype, num_head_channels=cfg.num_head_channels)
+    opts = RestoreOptions(**cfg.model_dump(include=set(RestoreOptions.model_fields)))
+    failed = 0
+    with tqdm(total=len(todo), unit="img", desc="restore") as bar:
+        for start in range(0, len(todo), cfg.batch_size):
+            batch, images, infos = [], [], []
+            for src, dst in todo[start : start + cfg.batch_size]:
+                try:
+                    img, info = read_image(src)
+                except ImageError as e:
+                    tqdm.write(f"skip {e}", file=sys.stderr)
+                    failed += 1
+                    bar.update()
+                    continue
+                batch.append((src, dst))
+                images.append(img)
+                infos.append(info)
+            if not batch:
+                continue
+            seeds = [cfg.seed + start + i for i in range(len(batch))]
+            for (src, dst), out, info in zip(batch, pipe(images, opts, seeds), infos):
+                write_image(dst, out, info)
+            bar.update(len(batch))
+    print(f"restored {len(todo) - failed} of {len(todo)} images into {cfg.output}" + (f"; {failed} failed" if failed else ""))
+    return 1 if failed else 0
+
+
+def _add_restore_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="*", help="image files and folders (walked recursively)")
+    p.add_argument("-o", "--output", help="output folder (input folder layout is kept)")
+    p.add_argument("-m", "--model", action="append", help="platform model dir, or official files (repeat)")
+    p.add_argument("--config", help="YAML file with RestoreConfig fields; flags override it")
+    for name, field in RestoreConfig.model_fields.items():
+        if name in ("inputs", "output", "model"):
+            continue
+        flag = "--" + name.replace("_", "-")
+        help_text = field.description or ""
+        if field.annotation is bool or field.annotation == (bool | None):
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            kind = {int: int, float: float}.get(field.annotation, None)
+            if kind is None and field.annotation == (float | None):
+                kind = float
+            p.add_argument(flag, dest=name, type=kind or str, help=f"{help_text} (default: {field.default})".strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffbir", description="DiffBIR blind image restoration")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-head-channels", type=int, help="attention head width (default 64, SD 2.1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("restore", help="restore images and folders of images")
+    _add_restore_flags(p)
+    p.set_defaults(func=_cmd_restore)
     return parser
 
 

@@ -48,7 +48,11 @@ class ModelBundle:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "ModelBundle":
         for part in self.parts.values():
-            part.module.to(device=device, dtype=dtype)
+            param = next(part.module.parameters(), None)
+            if param is None or (device is not None and param.device != torch.device(device)) or (
+                dtype is not None and param.dtype != dtype
+            ):  # skip no-op moves: diffusers warns on every .to()
+                part.module.to(device=device, dtype=dtype)
         return self
 
 
@@ -63,7 +67,8 @@ def load_official_parts(paths: Iterable[str | Path], num_head_channels: int = 64
     for path in paths:
         official = read_official(path)
         if official.stage1 is not None:
-            parts_to_add = {STAGE1: LoadedPart(official.stage1, {"arch": official.stage1_arch}, str(path))}
+            config = {"arch": official.stage1_arch, "scale": official.stage1_scale}
+            parts_to_add = {STAGE1: LoadedPart(official.stage1, config, str(path))}
         else:
             parts_to_add = {}
             for name, sd in official.parts.items():

@@ -98,6 +98,7 @@ class OfficialFile:
     ignored: list[str] = field(default_factory=list)  # keys no part reads (schedule buffers, EMA...)
     stage1: nn.Module | None = None  # off-the-shelf nets, already built by spandrel
     stage1_arch: str | None = None
+    stage1_scale: int = 1
 
     @property
     def description(self) -> str:
@@ -124,7 +125,7 @@ def split_official(sd: StateDict, source: str) -> OfficialFile:
                 f"an architecture spandrel reads); its top-level key prefixes are: {preview_keys(prefixes, 12)} "
                 f"({len(sd)} keys). spandrel said: {e}"
             ) from e
-        return OfficialFile(source, f"spandrel:{net.arch}", {}, stage1=net.module, stage1_arch=net.arch)
+        return OfficialFile(source, f"spandrel:{net.arch}", {}, stage1=net.module, stage1_arch=net.arch, stage1_scale=net.scale)
     parts: dict[str, StateDict] = {}
     ignored = []
     for key, value in sd.items():

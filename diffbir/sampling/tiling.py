@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from diffbir.models.cldm import ControlLDM
+from diffbir.sampling.denoiser import ModelFn, cfg_model
 
 Window = tuple[int, int, int, int]  # (y0, y1, x0, x1) of a tile, ends exclusive
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # (x tiles [k*N, C, th, tw], t [k*N], the k windows) -> prediction; rows are tile-major:
 # tile 0's N images, then tile 1's, ...
 TileDenoiser = Callable[[torch.Tensor, torch.Tensor, Sequence[Window]], torch.Tensor]
@@ -45,7 +45,8 @@ def tile_starts(size: int, tile_size: int, stride: int) -> list[int]:
 def tile_windows(h: int, w: int, tile_size: int, stride: int) -> list[Window]:
     """The tile grid over an h x w image, row by row."""
     th, tw = min(tile_size, h), min(tile_size, w)
-    return [(y, y + th, x, x + tw) for y in tile_starts(h, tile_size, stride) for x in tile_starts(w, tile_size, stride)]
+    xs = tile_starts(w, tile_size, stride)
+    return [(y, y + th, x, x + tw) for y in tile_starts(h, tile_size, stride) for x in xs]
 
 
 def gaussian_profile(n: int) -> torch.Tensor:
@@ -112,18 +113,21 @@ def _blend_tiles(
         pred = fn(tiles, windows)
         want = (_scaled(tiles.shape[-2], scale), _scaled(tiles.shape[-1], scale))
         if pred.shape[0] != tiles.shape[0] or tuple(pred.shape[-2:]) != want:
-            raise ValueError(f"tile of shape {tuple(tiles.shape)} gave {tuple(pred.shape)}, expected {want} at scale {scale}")
+            raise ValueError(
+                f"tile of shape {tuple(tiles.shape)} gave {tuple(pred.shape)}, expected {want} at scale {scale}"
+            )
         if out is None:
             out = pred.new_zeros(n, pred.shape[1], oh, ow)
         for (i, j), p in zip(batch, pred[..., :oth, :otw].split(n)):
-            weight = (wy[i][:, None] * wx[j][None, :]).to(p)
+            weight = wy[i].to(p)[:, None] * wx[j].to(p)  # 1-D to the device, the outer product there
             out[..., oys[i] : oys[i] + oth, oxs[j] : oxs[j] + otw] += p * weight
     return out
 
 
-def tiled_denoiser(tile_fn: TileDenoiser, tile_size: int, tile_stride: int, tile_batch: int = 1) -> Denoiser:
-    """A denoiser(x_t, t) that evaluates `tile_fn` on latent tiles and blends the predictions with
-    Gaussian weights at every call. A latent no larger than a tile is one tile: the exact untiled call."""
+def tiled_denoiser(tile_fn: TileDenoiser, tile_size: int, tile_stride: int, tile_batch: int = 1) -> ModelFn:
+    """A model fn (x_t, t) -> eps | v that evaluates `tile_fn` on latent tiles and blends the
+    predictions with Gaussian weights at every call. A latent no larger than a tile is one tile:
+    the exact untiled call."""
 
     def denoiser(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = t.reshape(-1).expand(x_t.shape[0])
@@ -143,21 +147,16 @@ def cldm_tiled_denoiser(
     uncond_txt: torch.Tensor | None = None,
     cfg_scale: float = 1.0,
     tile_batch: int = 1,
-) -> Denoiser:
-    """The tiled denoiser of a ControlLDM: each tile sees its crop of the condition latent c_img.
-    With `uncond_txt`, classifier-free guidance as DiffBIR: uncond + cfg_scale * (cond - uncond),
-    both with c_img."""
+) -> ModelFn:
+    """The tiled denoiser of a ControlLDM: each tile sees its crop of the condition latent c_img,
+    with classifier-free guidance as `cfg_model` (uncond_txt is the negative prompt's context)."""
 
     def tile_fn(x: torch.Tensor, t: torch.Tensor, windows: Sequence[Window]) -> torch.Tensor:
         k = len(windows)
         n = x.shape[0] // k
         c = torch.cat([c_img[..., y0:y1, x0:x1].expand(n, -1, -1, -1) for y0, y1, x0, x1 in windows])
-        context = lambda txt: txt.expand(n, -1, -1).repeat(k, 1, 1)  # noqa: E731
-        cond = cldm(x, t, context(c_txt), c, control_scale)
-        if uncond_txt is None or cfg_scale == 1:
-            return cond
-        uncond = cldm(x, t, context(uncond_txt), c, control_scale)
-        return uncond + cfg_scale * (cond - uncond)
+        rows = lambda txt: None if txt is None else txt.expand(n, -1, -1).repeat(k, 1, 1)  # noqa: E731
+        return cfg_model(cldm, c, rows(c_txt), rows(uncond_txt), cfg_scale, control_scale)(x, t)
 
     return tiled_denoiser(tile_fn, tile_size, tile_stride, tile_batch)
 

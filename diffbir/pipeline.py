@@ -1,0 +1,210 @@
+"""RestorationPipeline: stage 1 -> condition latent -> sampling (+ restoration guidance) ->
+decode -> wavelet colour fix -> resize, for batches of images of any size.
+
+Sizes follow the paper: the output is the input times `upscale`; when its short side is under
+`min_side` (512) the work is done at a size scaled up to it, and the result resized back.
+Everything large runs in tiles (stage 1, VAE, the denoiser), so memory stays flat as images grow.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from diffbir.checkpoints.loading import ModelBundle, load_model
+from diffbir.colorfix import wavelet_reconstruction
+from diffbir.sampling import SAMPLERS, Denoiser, RestorationGuidance, cfg_model, initial_latent, sample
+from diffbir.sampling.tiling import cldm_tiled_denoiser, tiled_apply, tiled_stage1, tiled_vae_decode
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TASK_UPSCALE = {"sr": 4.0, "face": 1.0, "denoise": 1.0}
+DEFAULT_NEGATIVE = "low quality, blurry, low-resolution, noisy, unsharp, weird textures"
+
+
+class RestoreOptions(BaseModel):
+    """Every option of a restoration; the CLI flags and the HTTP API map onto these fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: Literal["sr", "face", "denoise"] = "sr"
+    upscale: float | None = Field(None, gt=0, le=16, description="output / input size; default: 4 for sr, else 1")
+    min_side: int = Field(512, ge=64, description="work at least at this short side (the paper's 512)")
+    sampler: str = "ddpm"
+    steps: int = Field(50, ge=1, le=1000)
+    cfg_scale: float = Field(4.0, ge=0)
+    prompt: str = ""
+    negative_prompt: str = DEFAULT_NEGATIVE
+    strength: float = Field(1.0, ge=0, description="control strength of IRControlNet")
+    start_from: Literal["noise", "condition"] = "noise"
+    guidance_scale: float = Field(0.0, ge=0, description="restoration guidance; 0 = off")
+    guidance_space: Literal["rgb", "latent"] = "rgb"
+    guidance_weighted: bool = True
+    guidance_start: float = 1001
+    guidance_stop: float = -1
+    guidance_repeat: int = Field(1, ge=1)
+    color_fix: Literal["wavelet", "none"] = "wavelet"
+    tiled: bool | None = Field(None, description="None: tile when the image exceeds one tile")
+    tile_size: int = Field(512, ge=64, description="image pixels (stage 1, VAE encode); latent tiles are /8")
+    tile_stride: int = Field(256, ge=8)
+    seed: int = 231
+
+    @model_validator(mode="after")
+    def _check(self) -> "RestoreOptions":
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.tile_size % 64 or self.tile_stride % 8 or self.tile_stride > self.tile_size:
+            raise ValueError("tile_size must be a multiple of 64 and tile_stride a multiple of 8, at most tile_size")
+        return self
+
+    @property
+    def scale(self) -> float:
+        return self.upscale if self.upscale is not None else TASK_UPSCALE[self.task]
+
+
+def plan_sizes(h: int, w: int, scale: float, min_side: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(output size, working size) for an h x w input."""
+    out = (max(1, round(h * scale)), max(1, round(w * scale)))
+    up = max(1.0, min_side / min(out))
+    return out, (math.ceil(out[0] * up), math.ceil(out[1] * up))
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x.float(), size=size, mode="bicubic", align_corners=False, antialias=True).to(x.dtype)
+
+
+def _pad(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    ph, pw = size[0] - x.shape[-2], size[1] - x.shape[-1]
+    return F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
+
+
+class RestorationPipeline:
+    def __init__(self, bundle: ModelBundle, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        if bundle.cldm is None or bundle.cldm.controlnet is None:
+            raise ValueError("restoration needs a UNet, a VAE and an IRControlNet (see `diffbir convert`)")
+        if bundle.stage1 is None:
+            raise ValueError("restoration needs a stage-1 model (DiffBIR SwinIR or a spandrel net)")
+        self.bundle = bundle.to(device, dtype)
+        self.device, self.dtype = torch.device(device), dtype
+        self.cldm, self.stage1 = bundle.cldm, bundle.stage1
+        swinir = bundle.parts.get("swinir")
+        self.stage1_scale = 1 if swinir else int(bundle.parts["stage1"].config.get("scale", 1))
+        # DiffBIR SwinIR needs whole windows after unshuffling; spandrel nets pad themselves
+        self.stage1_multiple = swinir.module.config.pad_multiple if swinir else 1
+        self._contexts: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls, paths: str | Path | Sequence[str | Path], device: str = "cpu", dtype: str = "fp32", **load_kwargs
+    ) -> "RestorationPipeline":
+        return cls(load_model(paths, **load_kwargs), device, DTYPES[dtype])
+
+    @property
+    def model_info(self) -> dict:
+        return {name: {"source": p.source, "config": p.config} for name, p in self.bundle.parts.items()}
+
+    def _context(self, prompt: str) -> torch.Tensor:
+        """Text context; without a text tower (tiny test models) a null context of the UNet width."""
+        if prompt not in self._contexts:
+            if self.cldm.text_encoder is not None:
+                ctx = self.cldm.text_context([prompt])
+            else:
+                width = self.cldm.unet.config.cross_attention_dim
+                ctx = torch.zeros(1, 77, width)
+            self._contexts[prompt] = ctx.to(self.device, self.dtype)
+        return self._contexts[prompt]
+
+    @torch.no_grad()
+    def run_stage1(self, lq: torch.Tensor, work: tuple[int, int], opts: RestoreOptions) -> torch.Tensor:
+        """(1,3,h,w) in [0,1] -> the stage-1 restoration at the working size, in [0,1]."""
+        if self.stage1_scale == 1:
+            lq = _resize(lq, work)
+        tile = opts.tiled if opts.tiled is not None else max(lq.shape[-2:]) > opts.tile_size
+        if tile:
+            out = tiled_stage1(
+                self.stage1, lq, opts.tile_size, opts.tile_size - opts.tile_stride, self.stage1_scale, self.stage1_multiple
+            )
+        else:
+            h, w = lq.shape[-2:]
+            m = self.stage1_multiple
+            out = self.stage1(_pad(lq, (math.ceil(h / m) * m, math.ceil(w / m) * m)))
+            out = out[..., : h * self.stage1_scale, : w * self.stage1_scale]
+        return _resize(out, work).clamp(0, 1)
+
+    @torch.no_grad()
+    def __call__(
+        self, images: Sequence[np.ndarray], opts: RestoreOptions | None = None, seeds: Sequence[int] | None = None
+    ) -> list[np.ndarray]:
+        """Restore a batch: RGB float (H, W, 3) arrays in [0, 1] of any sizes -> restored arrays.
+        Image i uses seed `seeds[i]` (default opts.seed + i), independent of its batch mates."""
+        opts = opts or RestoreOptions()
+        seeds = list(seeds) if seeds is not None else [opts.seed + i for i in range(len(images))]
+        plans = [plan_sizes(im.shape[0], im.shape[1], opts.scale, opts.min_side) for im in images]
+        # the batch works at a common size, a multiple of 64 (stage 1, and latents / 8 for the UNet)
+        H = max(math.ceil(work[0] / 64) * 64 for _, work in plans)
+        W = max(math.ceil(work[1] / 64) * 64 for _, work in plans)
+        clean = []
+        for im, (_, work) in zip(images, plans):
+            lq = torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)[None].to(self.device, self.dtype)
+            clean.append(_pad(self.run_stage1(lq, work, opts), (H, W)))
+        clean = torch.cat(clean)
+        restored = self._diffuse(clean, opts, seeds)
+        out = []
+        for i, (size, work) in enumerate(plans):
+            img = restored[i : i + 1, :, : work[0], : work[1]]
+            out.append(_resize(img, size).clamp(0, 1)[0].permute(1, 2, 0).float().cpu().numpy())
+        return out
+
+    def _diffuse(self, clean: torch.Tensor, opts: RestoreOptions, seeds: Sequence[int]) -> torch.Tensor:
+        """Stage-1 images (N,3,H,W) in [0,1], H and W multiples of 64 -> restored images in [0,1]."""
+        cldm, n = self.cldm, clean.shape[0]
+        tiled = opts.tiled if opts.tiled is not None else max(clean.shape[-2:]) > opts.tile_size
+        latent_tile, latent_stride = opts.tile_size // 8, opts.tile_stride // 8
+        image = clean * 2 - 1
+        if tiled:  # condition_latent: v1 weights bring their own condition encoder
+            c_img = tiled_apply(cldm.condition_latent, clean, opts.tile_size, opts.tile_size - opts.tile_stride, 1 / 8)
+        else:
+            c_img = cldm.condition_latent(clean)
+        c_txt = self._context(opts.prompt).expand(n, -1, -1)
+        c_neg = self._context(opts.negative_prompt).expand(n, -1, -1)
+        if tiled:
+            model = cldm_tiled_denoiser(
+                cldm, c_txt[:1], c_img, latent_tile, latent_stride, opts.strength,
+                uncond_txt=c_neg[:1] if opts.cfg_scale != 1 else None, cfg_scale=opts.cfg_scale,
+            )  # fmt: skip
+        else:
+            model = cfg_model(cldm, c_img, c_txt, c_neg, opts.cfg_scale, opts.strength)
+        den = Denoiser(model, self.bundle.diffusion)
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        noise = per_image_noise(generators)
+        x_T = initial_latent(den, noise(c_img, 0), c_img if opts.start_from == "condition" else None)
+        hook = None
+        if opts.guidance_scale > 0:
+            hook = RestorationGuidance(
+                cldm, image, opts.guidance_scale, space=opts.guidance_space, weighted=opts.guidance_weighted,
+                repeat=opts.guidance_repeat, t_start=opts.guidance_start, t_stop=opts.guidance_stop,
+                noise=noise,
+            )  # fmt: skip
+        z = sample(den, x_T, opts.sampler, opts.steps, x0_hook=hook, noise=noise)
+        decoded = tiled_vae_decode(cldm, z, latent_tile, latent_tile - latent_stride) if tiled else cldm.vae_decode(z)
+        restored = ((decoded.float() + 1) / 2).clamp(0, 1)
+        if opts.color_fix == "wavelet":
+            restored = wavelet_reconstruction(restored, clean.float())
+        return restored
+
+
+def per_image_noise(generators: Sequence[torch.Generator]):
+    """A NoiseFn drawing image i's noise from its own generator, in call order, so results do not
+    depend on which images share a batch."""
+
+    def draw(like: torch.Tensor, index: int) -> torch.Tensor:
+        per = [torch.randn(like.shape[1:], generator=g, dtype=torch.float32) for g in generators]
+        return torch.stack(per).to(like.device, like.dtype)
+
+    return draw
