@@ -5,7 +5,11 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast bench clean
+.PHONY: setup test test-fast bench clean train-rm train-gm promote filter-laion
+
+# With RAY_ADDRESS set, training is submitted to that cluster as a Ray job; else it runs here
+# (starting a local Ray). CONFIG and ARGS pass a config file and extra flags.
+RUN_JOB = $(if $(RAY_ADDRESS),$(VENV)/bin/ray job submit --address $(RAY_ADDRESS) --working-dir . -- python,$(PY))
 
 setup: $(STAMP)
 
@@ -27,8 +31,27 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+train-rm: $(STAMP)
+	$(RUN_JOB) training/train_rm.py --config $(or $(CONFIG),training/configs/rm_tiny.yaml) $(ARGS)
+
+train-gm: $(STAMP)
+	$(RUN_JOB) training/train_gm.py --config $(or $(CONFIG),training/configs/gm_tiny.yaml) $(ARGS)
+
+# The data pipeline: the embedded sample by default; METADATA=<parquet/glob/URL> OUTPUT=<dir/URL>
+# for the real laion2B-en metadata (RAY_ADDRESS joins a cluster).
+filter-laion: $(STAMP)
+	$(PY) -m pipelines.filter_laion $(if $(METADATA),--metadata $(METADATA)) $(if $(OUTPUT),--output $(OUTPUT)) $(ARGS)
+
+promote: $(STAMP)
+	$(PY) training/promote.py --config $(or $(CONFIG),training/configs/promote.yaml) $(ARGS)
+
 bench: $(STAMP)
 	$(PY) benchmarks/load_memory.py
+	$(PY) benchmarks/sampling_speed.py
+	$(PY) benchmarks/tiled_memory.py --weights full --sizes 1024 2048
+	$(PY) benchmarks/tiled_memory.py --weights tiny --sizes 4096x3072 --steps 2
+	$(PY) benchmarks/degradations.py
+	$(PY) benchmarks/quality_filter.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

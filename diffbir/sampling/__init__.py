@@ -1,0 +1,34 @@
+"""Sampling: noise schedules, the denoiser interface, samplers and restoration guidance."""
+from diffbir.sampling.denoiser import (
+    Denoiser,
+    NoiseFn,
+    Step,
+    X0Hook,
+    cfg_model,
+    gaussian_noise,
+    initial_latent,
+    stored_noise,
+)
+from diffbir.sampling.guidance import RestorationGuidance, guidance_loss, weight_map
+from diffbir.sampling.samplers import SAMPLERS, sample
+from diffbir.sampling.schedules import NoiseSchedule, SpacedSchedule, space_timesteps, train_betas
+
+__all__ = [
+    "SAMPLERS",
+    "Denoiser",
+    "NoiseFn",
+    "NoiseSchedule",
+    "RestorationGuidance",
+    "SpacedSchedule",
+    "Step",
+    "X0Hook",
+    "cfg_model",
+    "gaussian_noise",
+    "guidance_loss",
+    "initial_latent",
+    "sample",
+    "space_timesteps",
+    "stored_noise",
+    "train_betas",
+    "weight_map",
+]

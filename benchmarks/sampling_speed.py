@@ -1,0 +1,95 @@
+"""Seconds per sampling step of full-size SD 2.1 + IRControlNet at 512x512 (latent 64x64), with
+and without restoration guidance, in fp32 and bf16; plus VAE encode/decode and peak memory.
+
+Random weights (diffusers' default initialisation) at the real sizes: speed does not depend on
+the values. Each configuration runs in a fresh process (peak RSS / CUDA peak per configuration).
+
+    python benchmarks/sampling_speed.py [--dtypes fp32 bf16] [--steps 2] [--repeats 3] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+
+VARIANTS = ("unguided", "guided_rgb", "guided_latent", "vae")
+
+CHILD = r"""
+import json, sys, time, torch
+from diffbir.config import DiffusionConfig
+from diffbir.models.cldm import ControlLDM
+from diffbir.models.unet import IRControlNet, UNetConfig, build_unet
+from diffbir.models.vae import VAEConfig, build_vae
+from diffbir.sampling import Denoiser, RestorationGuidance, cfg_model, sample
+
+variant, dtype_name, steps, repeats, device, size = sys.argv[1:7]
+steps, repeats, size = int(steps), int(repeats), int(size)
+dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+torch.manual_seed(0)
+ucfg = UNetConfig()
+cldm = ControlLDM(build_unet(ucfg), IRControlNet.from_unet_config(ucfg), build_vae(VAEConfig())).to(device, dtype).eval()
+cldm.requires_grad_(False)
+image = torch.rand(1, 3, size, size, device=device, dtype=dtype) * 2 - 1
+ctx = torch.randn(1, 77, ucfg.context_dim, device=device, dtype=dtype)
+
+def sync():
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+def hwm_gb():
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 1e9
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024 / 1e9
+
+times = []
+with torch.no_grad():
+    c_img = cldm.vae_encode(image)
+    for r in range(repeats + 1):  # the first run warms up
+        sync(); t = time.perf_counter()
+        if variant == "vae":
+            cldm.vae_encode(image); sync(); enc = time.perf_counter() - t
+            t = time.perf_counter(); cldm.vae_decode(c_img); sync(); dec = time.perf_counter() - t
+            if r: times.append((enc, dec))
+            continue
+        den = Denoiser(cfg_model(cldm, c_img, ctx), DiffusionConfig())
+        hook = None
+        if variant != "unguided":
+            hook = RestorationGuidance(cldm, image, 0.01, space=variant.split("_")[1])
+        sample(den, torch.randn_like(c_img), "ddpm", steps, x0_hook=hook)
+        sync()
+        if r: times.append((time.perf_counter() - t) / steps)
+out = {"variant": variant, "dtype": dtype_name, "peak_gb": hwm_gb()}
+if variant == "vae":
+    out["encode_s"] = statistics.median(e for e, _ in times)
+    out["decode_s"] = statistics.median(d for _, d in times)
+else:
+    out["step_s"] = statistics.median(times)
+print(json.dumps(out))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--steps", type=int, default=2, help="sampling steps per timed run")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (median)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--size", type=int, default=512)
+    args = ap.parse_args()
+    print(f"| variant | dtype | s/step (median of {args.repeats}) | VAE enc / dec s | peak GB |")
+    print("|---|---|---|---|---|")
+    for dtype in args.dtypes:
+        for variant in args.variants:
+            cmd = [sys.executable, "-c", CHILD, variant, dtype, str(args.steps), str(args.repeats), args.device, str(args.size)]
+            res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+            step = f"{res['step_s']:.2f}" if "step_s" in res else "–"
+            vae = f"{res['encode_s']:.2f} / {res['decode_s']:.2f}" if "encode_s" in res else "–"
+            print(f"| {variant} | {dtype} | {step} | {vae} | {res['peak_gb']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

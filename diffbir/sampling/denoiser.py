@@ -1,0 +1,118 @@
+"""The one interface every sampler runs on: a `Denoiser` gives the network's raw prediction (eps
+or v, classifier-free guidance applied) for a latent x_t at a training timestep t, and converts
+between that prediction and the predicted clean latent x0 under the training schedule.
+
+Latents are "variance preserving": x_t = sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * eps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from diffbir.config import DiffusionConfig
+from diffbir.sampling.schedules import NoiseSchedule, posterior_x0_coef
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> eps | v
+
+
+class NoiseFn(Protocol):
+    """Standard normal noise shaped like `like`, for the sampler's `index`-th draw (call order)."""
+
+    def __call__(self, like: torch.Tensor, index: int) -> torch.Tensor: ...
+
+
+def gaussian_noise(generator: torch.Generator | None = None) -> NoiseFn:
+    """Fresh N(0, I) draws from `generator`, on the generator's device first so that a CPU
+    generator gives the same numbers whatever device the latents live on."""
+
+    def draw(like: torch.Tensor, index: int) -> torch.Tensor:
+        device = generator.device if generator is not None else like.device
+        return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+
+    return draw
+
+
+def stored_noise(tensors: Sequence[torch.Tensor]) -> NoiseFn:
+    """Replay given tensors in call order (e.g. the reference's recorded randn_like draws)."""
+    return lambda like, index: tensors[index].to(like)
+
+
+@dataclass(frozen=True)
+class Step:
+    """What an x0 hook learns about the model evaluation whose x0 it may change."""
+
+    t: float  # the training timestep the network saw
+    alpha_bar: float  # noise level of this evaluation
+    alpha_bar_next: float  # the next lower noise level of the sampler's schedule (1.0 at the end)
+
+    @property
+    def x0_coef(self) -> float:
+        """DDPM posterior-mean weight of x0 between the two levels: the spaced DDPM's
+        posterior_mean_coef1, and the analogous schedule quantity for every other sampler."""
+        return posterior_x0_coef(self.alpha_bar, self.alpha_bar_next)
+
+
+X0Hook = Callable[[torch.Tensor, Step], torch.Tensor]
+
+
+def cfg_model(
+    cldm,
+    c_img: torch.Tensor,
+    c_txt: torch.Tensor,
+    c_txt_neg: torch.Tensor | None = None,
+    cfg_scale: float = 1.0,
+    control_scale: float | Sequence[float] = 1.0,
+) -> ModelFn:
+    """ControlLDM with classifier-free guidance: uncond + cfg * (cond - uncond), the positive
+    prompt evaluated first (as the reference); one call only when cfg_scale == 1."""
+    if cfg_scale != 1.0 and c_txt_neg is None:
+        raise ValueError("classifier-free guidance needs a negative prompt context")
+
+    def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cond = cldm(x_t, t, c_txt, c_img, control_scale)
+        if cfg_scale == 1.0:
+            return cond
+        uncond = cldm(x_t, t, c_txt_neg, c_img, control_scale)
+        return uncond + cfg_scale * (cond - uncond)
+
+    return model
+
+
+class Denoiser:
+    """A network prediction function paired with the schedule and parameterization it was trained with."""
+
+    def __init__(self, model: ModelFn, config: DiffusionConfig):
+        self.model, self.config = model, config
+        self.schedule = NoiseSchedule.from_config(config)
+
+    def __call__(self, x_t: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+        return self.model(x_t, torch.as_tensor(t, dtype=torch.float32))
+
+    def _coefs(self, t) -> tuple[float, float]:
+        # (sqrt(1/ab), sqrt(1/ab - 1)) for eps, (sqrt(ab), sqrt(1 - ab)) for v: the reference's
+        # buffers, computed in float64 and applied as scalars of the latent's dtype
+        ab = self.schedule.alpha_bar(t)
+        a, b = ((1 / ab).sqrt(), (1 / ab - 1).sqrt()) if self.config.parameterization == "eps" else (ab.sqrt(), (1 - ab).sqrt())
+        return a.item(), b.item()
+
+    def to_x0(self, out: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
+        a, b = self._coefs(t)
+        return a * x_t - b * out  # eps: x_t/sqrt(ab) - sqrt(1/ab-1) eps;  v: sqrt(ab) x_t - sqrt(1-ab) v
+
+    def from_x0(self, x0: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
+        a, b = self._coefs(t)
+        return (a * x_t - x0) / b
+
+    def x0(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        return self.to_x0(self(x_t, t), x_t, t)
+
+
+def initial_latent(den: Denoiser, noise: torch.Tensor, c_img: torch.Tensor | None = None) -> torch.Tensor:
+    """x_T at the last training timestep, where every sampler starts: pure noise, or the condition
+    latent diffused to T (sqrt(ab_T) c_img + sqrt(1 - ab_T) noise; = noise at zero terminal SNR)."""
+    if c_img is None:
+        return noise
+    ab = den.schedule.alphas_cumprod[-1].item()
+    return ab**0.5 * c_img + (1 - ab) ** 0.5 * noise

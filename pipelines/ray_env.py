@@ -1,0 +1,28 @@
+"""Start or join the Ray cluster every pipeline stage runs on."""
+from __future__ import annotations
+
+import os
+
+import ray
+from ray._private import ray_constants
+
+_LOOPBACK = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray binds to 127.0.0.1, not the network address
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster at RAY_ADDRESS if set, else start a local Ray on 127.0.0.1 with
+    `num_cpus` CPUs (default: all of this machine's). Does nothing when Ray is already up."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    # The Ray processes started below read these from the environment; this process read the
+    # first when ray was imported (possibly before this call), hence the constant is set too.
+    os.environ.setdefault(_LOOPBACK, "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray_constants.ENABLE_RAY_CLUSTER = ray_constants.env_bool(_LOOPBACK, True)
+    # address="local" never attaches to another local cluster found in /tmp/ray; no dashboard
+    # on a small machine (it costs a core's worth of start-up).
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)

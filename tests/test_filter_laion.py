@@ -1,0 +1,80 @@
+"""The whole data pipeline on the embedded sample: exactly the expected images survive, every
+rejection is counted under the stage and reason the sample's manifest expects."""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import webdataset as wds
+
+from pipelines.filter_laion import FilterLaionConfig, main, run
+from pipelines.sample import load_manifest
+
+# The sample names what is wrong with an image; the quality and dedup stages name the check.
+QUALITY_CHECKS = {"blur": {"blurry", "low_effective_resolution"}, "jpeg": {"low_jpeg_quality", "blocky"},
+                  "noise": {"noisy"}, "flat": {"flat", "low_entropy"}}
+DEDUP_REASONS = {"exact": "exact_duplicate", "near": "near_duplicate"}
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("laion")
+    cfg = FilterLaionConfig(
+        output=str(out),
+        sample={"slow_seconds": 8},
+        download={"shard_size": 8, "thread_count": 4, "timeout": 3},
+        shards={"samples_per_shard": 3},
+    )
+    return out, run(cfg)
+
+
+def test_exactly_the_expected_images_survive(result):
+    out, report = result
+    manifest = load_manifest(out / "_work" / "sample" / "manifest.json")
+    root = Path(manifest.root)
+    expected = Counter(hashlib.sha256((root / r["file"]).read_bytes()).hexdigest()
+                       for r in manifest.rows if r["fate"] == "kept")
+    got = Counter()
+    shards = sorted((out / "shards").glob("*.tar"))
+    assert [len(list(wds.WebDataset(str(s), shardshuffle=False))) for s in shards][:-1] == [3] * (len(shards) - 1)
+    for sample in wds.WebDataset([str(s) for s in shards], shardshuffle=False):
+        image = next(v for k, v in sample.items() if k in ("jpg", "png", "webp"))
+        meta = json.loads(sample["json"])
+        assert hashlib.sha256(image).hexdigest() == meta["sha256"]  # original bytes, not re-encoded
+        assert sample["txt"].decode() == meta["caption"]
+        got[meta["sha256"]] += 1
+    assert got == expected
+    index = pd.read_parquet(out / "shards" / "index.parquet")
+    assert len(index) == sum(expected.values()) and set(index["sha256"]) == set(expected)
+
+
+def test_every_rejection_has_the_expected_stage_and_reason(result):
+    out, report = result
+    manifest = load_manifest(out / "_work" / "sample" / "manifest.json")
+    fates = Counter(r["fate"] for r in manifest.rows if r["fate"] != "kept")
+    stages = {s["name"]: s for s in report["stages"]}
+    assert report["consistent"] and report["total"]["in"] == len(manifest.rows)
+    for stage in ("prefilter", "download"):
+        want = {f.split(":")[1]: n for f, n in fates.items() if f.startswith(stage + ":")}
+        assert stages[stage]["rejected"] == want, stage
+    want_dedup = Counter({DEDUP_REASONS[f.split(":")[1]]: n for f, n in fates.items() if f.startswith("dedup:")})
+    assert Counter(stages["dedup"]["rejected"]) == want_dedup
+    quality = [f.split(":")[1] for f in fates.elements() if f.startswith("quality:")]
+    assert sum(stages["quality"]["rejected"].values()) == len(quality)
+    failed = report["failed_checks"]
+    for problem in quality:  # each degradation tripped a check that looks for it
+        assert QUALITY_CHECKS[problem] & set(failed), problem
+    assert (out / "stats.md").read_text().startswith("# Data pipeline report")
+    assert (out / "score_histograms.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_metadata_column_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "meta.parquet"
+    pd.DataFrame({"URL": ["http://127.0.0.1:9/x.jpg"], "TEXT": ["x"]}).to_parquet(bad)
+    assert main(["--metadata", str(bad), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "meta.parquet" in err and "WIDTH" in err
