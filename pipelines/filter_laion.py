@@ -25,7 +25,7 @@ from diffbir.config import load_config
 from pipelines.dedup import DedupConfig, dedup
 from pipelines.download import DownloadConfig, download
 from pipelines.prefilter import PrefilterConfig, prefilter
-from pipelines.quality import QualityConfig, score_quality, split_quality
+from pipelines.quality import SCORE_NAMES, QualityConfig, score_quality, split_quality
 from pipelines.ray_env import ensure_ray
 from pipelines.sample import embedded_sample
 from pipelines.shards import ShardConfig, write_shards
@@ -93,7 +93,8 @@ def run(cfg: FilterLaionConfig) -> dict:
 
         written = write_shards(unique, f"{out}/shards", cfg.shards)
         stages.append(StageStats("shards", written.n_in, written.n_out, written.rejected))
-        files = write_report(out, stages, scored.to_pandas(), cfg.quality.thresholds())
+        scores = scored.select_columns([*SCORE_NAMES, "reasons"]).to_pandas()  # not captions/metadata
+        files = write_report(out, stages, scores, cfg.quality.thresholds())
     report = json.loads(Path(files["json"]).read_text()) if "://" not in files["json"] else {"files": files}
     log.info("wrote %d shards to %s/shards; index %s; report %s", len(written.shards), out, written.index, files["summary"])
     return report

@@ -1,0 +1,156 @@
+"""pHash, the banded near-duplicate search, keeper choice, and dedup across shards on Ray."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from itertools import combinations
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+from skimage import data
+
+from pipelines import dedup as dd
+from pipelines.quality import QualityConfig, decode, filter_quality
+from pipelines.shards import ShardConfig, write_shards, write_tar
+
+
+def at_least_512(img: np.ndarray, side: int = 512) -> np.ndarray:
+    h, w = img.shape[:2]
+    f = side / min(h, w)
+    return img if f <= 1 else cv2.resize(img, (round(w * f), round(h * f)), interpolation=cv2.INTER_CUBIC)
+
+
+PHOTOS = {name: at_least_512(load()) for name, load in {
+    "astronaut": data.astronaut, "chelsea": data.chelsea, "coffee": data.coffee, "rocket": data.rocket,
+    "motorcycle_left": lambda: data.stereo_motorcycle()[0]}.items()}
+
+
+def encode(img: np.ndarray, fmt: str = "PNG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------ pHash
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+def test_phash_stable_under_resize_and_recompression(name):
+    img = PHOTOS[name]
+    h, w = img.shape[:2]
+    assert dd.phash(img) == dd.phash(img.copy()) == dd.phash(decode(encode(img)).pixels)
+    half = cv2.resize(img, (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+    for copy in (half, decode(encode(img, "JPEG", quality=50)).pixels, decode(encode(half, "JPEG", quality=40)).pixels):
+        assert dd.hamming(dd.phash(copy), dd.phash(img)) <= 4
+
+
+def test_phash_far_apart_for_different_photos():
+    hashes = [dd.phash_hex(img) for img in PHOTOS.values()]
+    assert min(dd.hamming(a, b) for a, b in combinations(hashes, 2)) >= 20
+    assert all(len(h) == 16 for h in hashes)
+
+
+# ------------------------------------------------------------------ banded search
+
+
+def brute_force(hashes: np.ndarray, max_distance: int) -> set[tuple[int, int]]:
+    dist = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
+    i, j = np.nonzero(np.triu(dist <= max_distance, k=1))
+    return set(zip(i.tolist(), j.tolist()))
+
+
+@pytest.mark.parametrize("max_distance,bands", [(6, 8), (6, 10), (0, 8), (7, 8), (3, 4), (14, 16)])
+def test_banded_search_finds_every_pair_brute_force_finds(max_distance, bands):
+    rng = np.random.default_rng(max_distance)
+    base = rng.integers(0, 2**63, size=2500, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, 2500, dtype=np.uint64)
+    # plant neighbours at 0..max_distance+3 flipped bits, so pairs sit on both sides of the limit
+    near = []
+    for h in base[:600]:
+        flips = rng.choice(64, size=rng.integers(0, max_distance + 4), replace=False)
+        near.append(h ^ np.uint64(sum(1 << int(b) for b in flips)))
+    hashes = np.concatenate([base, np.array(near, dtype=np.uint64), base[:50]])  # + exact repeats
+    expected = brute_force(hashes, max_distance)
+    found = dd.near_pairs(hashes, max_distance, bands)
+    assert set(map(tuple, found.tolist())) == expected and len(found) == len(expected)
+    assert len(expected) > 150  # non-trivial: exact repeats, planted pairs, their overlaps
+
+
+def test_dedup_config_validation():
+    with pytest.raises(ValidationError):
+        dd.DedupConfig(max_distance=8, bands=8)
+    with pytest.raises(ValidationError):
+        dd.DedupConfig(threshold=3)
+
+
+# ------------------------------------------------------------------ keeper choice
+
+
+def test_plan_keeps_best_member_of_each_group():
+    h = 0x0123456789ABCDEF
+    rows = [  # key, sha, phash, width, height, jpeg_quality, sharpness
+        ("a", "s1", h, 800, 600, None, 100.0),
+        ("b", "s1", h, 800, 600, None, 100.0),  # same bytes as a: a wins on key order
+        ("c", "s2", h ^ 0b111, 800, 600, 95, 300.0),  # 3 bits from a: same group, loses on compression
+        ("d", "s3", 0xFEDCBA9876543210, 640, 480, 90, 50.0),
+        ("e", "s4", 0xFEDCBA9876543210 ^ (1 << 40), 1024, 768, 80, 10.0),  # bigger wins over sharper
+        ("f", "s5", 0x5555555555555555, 800, 600, 90, 50.0),  # alone
+    ]
+    table = pd.DataFrame(rows, columns=dd.DEDUP_COLUMNS).assign(phash=lambda t: [f"{x:016x}" for x in t["phash"]])
+    plan = dd.plan_dedup(table).set_index("key").fillna({"dup_of": "-", "dup_reason": "-"})
+    assert plan["dup_of"].to_dict() == {"a": "-", "b": "a", "c": "a", "d": "e", "e": "-", "f": "-"}
+    assert plan["dup_reason"].to_dict() == {"a": "-", "b": "exact_duplicate", "c": "near_duplicate",
+                                            "d": "near_duplicate", "e": "-", "f": "-"}
+    assert plan.loc["a", "group"] == plan.loc["c", "group"] != plan.loc["e", "group"]
+
+
+def test_groups_are_transitive():
+    chain = [0, 0b111, 0b111111, 0b111111111]  # each 3 bits from the next, 9 from end to end
+    table = pd.DataFrame({"key": list("wxyz"), "sha256": list("1234"), "phash": [f"{x:016x}" for x in chain],
+                          "width": [600, 600, 600, 700], "height": 600, "jpeg_quality": None, "sharpness": 1.0})
+    plan = dd.plan_dedup(table, dd.DedupConfig(max_distance=3))
+    assert plan["dup_of"].fillna("-").tolist() == ["z", "z", "z", "-"]
+
+
+# ------------------------------------------------------------------ across shards, on Ray
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from pipelines.ray_env import ensure_ray
+
+    ensure_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def test_dedup_across_shards_keeps_the_better_copy(tmp_path, ray_local):
+    chelsea = data.chelsea()
+    coffee_png = encode(PHOTOS["coffee"])
+    shard0 = {"s0_astronaut": encode(PHOTOS["astronaut"]), "s0_coffee": coffee_png,
+              "s0_chelsea": encode(at_least_512(chelsea, 512))}
+    shard1 = {"s1_astronaut": encode(PHOTOS["astronaut"], "JPEG", quality=90),  # recompressed copy
+              "s1_coffee": coffee_png,  # the same file again
+              "s1_chelsea": encode(at_least_512(chelsea, 600)),  # a larger rendition
+              "s1_rocket": encode(PHOTOS["rocket"])}
+    for name, shard in (("00000.tar", shard0), ("00001.tar", shard1)):
+        with open(tmp_path / name, "wb") as f:
+            write_tar(f, [(k, {"png": v, "txt": b"", "json": json.dumps({"url": k}).encode()}) for k, v in shard.items()])
+
+    kept, rejected = filter_quality(str(tmp_path), QualityConfig())
+    assert rejected == {} and kept.count() == 7
+    deduped, removed = dd.dedup(kept)
+    assert sorted(r["key"] for r in deduped.take_all()) == ["s0_astronaut", "s0_coffee", "s1_chelsea", "s1_rocket"]
+    assert removed == {"near_duplicate": 2, "exact_duplicate": 1}
+
+    # the deduplicated dataset goes straight to the shard writer, bytes read back from the download
+    written = write_shards(deduped, str(tmp_path / "final"), ShardConfig(samples_per_shard=3))
+    assert (written.n_out, written.shards) == (4, ["00000.tar", "00001.tar"])
+    with tarfile.open(tmp_path / "final" / "00001.tar") as tar:
+        assert tar.extractfile("s1_rocket.png").read() == shard1["s1_rocket"]

@@ -1,0 +1,151 @@
+"""Final shards (read back with webdataset), the parquet index, atomic commits, the stats report."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from PIL import Image
+from skimage import data
+
+from pipelines import shards as sh
+from pipelines.quality import SCORE_NAMES, QualityConfig, iter_tar_samples, score_rows
+from pipelines.stats import StageStats, build_report, write_report
+
+
+def encode(img: np.ndarray, fmt: str = "PNG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def download(tmp_path_factory):
+    """An img2dataset-style download tar with five usable photos (crops of the bundled ones in
+    several formats) and one that the quality filter rejects."""
+    root = tmp_path_factory.mktemp("download")
+    astronaut, coffee, motorcycle = data.astronaut(), data.coffee(), data.stereo_motorcycle()[0]
+    images = {"000000000": ("png", encode(astronaut)),
+              "000000001": ("jpg", encode(np.ascontiguousarray(astronaut[:, ::-1]), "JPEG", quality=93)),
+              "000000002": ("webp", encode(motorcycle[:, :600], "WEBP", lossless=True)),
+              "000000003": ("jpg", encode(np.ascontiguousarray(coffee[::-1]), "JPEG", quality=88)),
+              "000000004": ("png", encode(astronaut[:, :, ::-1])),
+              "000000005": ("png", encode(np.full((600, 600, 3), 30, np.uint8)))}
+    samples = [(key, {ext: img, "txt": f"caption {key}".encode(),
+                      "json": json.dumps({"url": f"http://127.0.0.1/{key}.{ext}", "caption": f"caption {key}",
+                                          "status": "success", "punsafe": 0.01, "AESTHETIC_SCORE": 5.5}).encode()})
+               for key, (ext, img) in images.items()]
+    with open(root / "00000.tar", "wb") as f:
+        sh.write_tar(f, samples)
+    rows = score_rows(list(iter_tar_samples(str(root / "00000.tar"))), QualityConfig(min_short_side=400, min_effective_short_side=400))
+    return {"images": images, "rows": rows, "kept": [r for r in rows if r["passed"]]}
+
+
+def test_shards_read_back_by_webdataset_with_identical_bytes(download, tmp_path):
+    kept = download["kept"]
+    assert len(kept) == 5
+    result = sh.write_shards(kept, str(tmp_path / "out"), sh.ShardConfig(samples_per_shard=2))
+    assert result.shards == ["00000.tar", "00001.tar", "00002.tar"] and (result.n_in, result.n_out) == (5, 5)
+
+    urls = [str(tmp_path / "out" / name) for name in result.shards]
+    samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+    assert [s["__key__"] for s in samples] == [r["key"] for r in kept]
+    assert [len([s for s in samples if s["__url__"] == u]) for u in urls] == [2, 2, 1]
+    for sample in samples:
+        ext, original = download["images"][sample["__key__"]]
+        assert sample[ext] == original  # the downloaded bytes, not a re-encode
+        assert sample["txt"].decode() == f"caption {sample['__key__']}"
+        meta = json.loads(sample["json"])
+        assert meta["AESTHETIC_SCORE"] == 5.5 and meta["url"].endswith(f"{sample['__key__']}.{ext}")
+        assert set(SCORE_NAMES) <= set(meta["quality"]) and meta["quality"]["sharpness"] > 40
+        assert len(meta["quality"]["phash"]) == 16
+
+    index = pq.read_table(tmp_path / "out" / "index.parquet").to_pandas()
+    by_key = {r["key"]: r for r in kept}
+    assert index["key"].tolist() == [s["__key__"] for s in samples]
+    assert index["shard"].tolist() == ["00000.tar"] * 2 + ["00001.tar"] * 2 + ["00002.tar"]
+    for row in index.itertuples():
+        rec = by_key[row.key]
+        assert (row.url, row.caption, row.width, row.height) == (json.loads(rec["meta"])["url"], rec["caption"], rec["width"], rec["height"])
+        assert row.sharpness == pytest.approx(rec["sharpness"]) and row.sha256 == rec["sha256"]
+    assert pd.isna(index.set_index("key").loc["000000000", "jpeg_quality"])
+    assert index.set_index("key").loc["000000001", "jpeg_quality"] == 93
+
+
+def test_crash_before_rename_leaves_no_visible_partial_shard(download, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    real_replace, calls = os.replace, []
+
+    def crash_on_second_commit(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("simulated crash before rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_second_commit)
+    with pytest.raises(OSError, match="simulated crash"):
+        sh.write_shards(download["kept"], str(out), sh.ShardConfig(samples_per_shard=2, workers=1))
+    visible = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    # 00001 crashed; shards already in flight may still commit, whole; the index never does
+    assert "00001.tar" not in visible and "00000.tar" in visible and "index.parquet" not in visible
+    for name in visible:
+        with tarfile.open(out / name) as tar:
+            assert len(tar.getnames()) == {"00000.tar": 6, "00002.tar": 3}[name]  # complete shards only
+    assert not list(out.glob(".*.tmp-*"))  # the interrupted shard's temporary file is gone too
+
+    monkeypatch.setattr(os, "replace", real_replace)
+    (out / ".00001.tar.tmp-leftover").write_bytes(b"partial")  # as a killed process would leave it
+    result = sh.write_shards(download["kept"], str(out), sh.ShardConfig(samples_per_shard=2))
+    assert sorted(p.name for p in out.iterdir()) == ["00000.tar", "00001.tar", "00002.tar", "index.parquet"]
+    assert result.n_out == 5
+
+
+def test_object_store_url_and_unreadable_sources(download, tmp_path):
+    kept = [dict(r) for r in download["kept"]]
+    kept[1]["sha256"] = "0" * 64  # the download tar changed since scoring
+    kept[2]["source"] = str(tmp_path / "gone.tar")
+    result = sh.write_shards(kept, "memory://bucket/shards", sh.ShardConfig(samples_per_shard=2))
+    assert result.rejected == {"checksum_mismatch": 1, "read_error": 1} and (result.n_in, result.n_out) == (5, 3)
+    fs = fsspec.filesystem("memory")
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls("/bucket/shards", detail=False)) == ["00000.tar", "00001.tar", "index.parquet"]
+    with fs.open("/bucket/shards/00000.tar", "rb") as f, tarfile.open(fileobj=f) as tar:
+        assert len(tar.getnames()) == 6  # still full shards: failures do not leave holes
+    with fs.open("/bucket/shards/index.parquet", "rb") as f:
+        assert pq.read_table(f).num_rows == 3
+
+
+def test_stats_report_counts_add_up(download, tmp_path):
+    rows = download["rows"]
+    rejected = {}
+    for r in rows:
+        if r["reason"]:
+            rejected[r["reason"]] = rejected.get(r["reason"], 0) + 1
+    scores = pd.DataFrame(rows)[[*SCORE_NAMES, "reasons"]]
+    thresholds = QualityConfig().thresholds()
+    stages = [StageStats("download", 7, 6, {"http_error": 1}),
+              StageStats("quality", len(rows), len(download["kept"]), rejected),
+              StageStats("dedup", 5, 5), StageStats("shards", 5, 5)]
+    paths = write_report(str(tmp_path / "stats"), stages, scores, thresholds)
+
+    report = json.loads(open(paths["json"]).read())
+    assert report["consistent"] and report["total"] == {"in": 7, "out": 5}
+    quality = report["stages"][1]
+    assert quality["n_in"] - quality["n_out"] == sum(quality["rejected"].values()) == 1
+    assert report["scores"]["sharpness"]["count"] == 6 and "learned_iqa" not in report["scores"]
+    q = report["scores"]["noise_sigma"]["quantiles"]
+    assert q["0.0"] <= q["0.5"] <= q["1.0"]
+    assert report["thresholds"]["short_side"] == [["min", 512]] and report["failed_checks"]
+    summary = open(paths["summary"]).read()
+    assert "| quality | 6 | 5 | 1 |" in summary and "Counts consistent: yes" in summary
+    png = open(paths["histograms"], "rb").read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and Image.open(io.BytesIO(png)).size[0] > 800
+
+    broken = build_report([StageStats("quality", 10, 7, {"blurry": 2}), StageStats("dedup", 6, 6)])
+    assert not broken["consistent"] and broken["stages"][0]["unaccounted"] == 1
