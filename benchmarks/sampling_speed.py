@@ -17,7 +17,7 @@ import sys
 VARIANTS = ("unguided", "guided_rgb", "guided_latent", "vae")
 
 CHILD = r"""
-import json, sys, time, torch
+import json, statistics, sys, time, torch
 from diffbir.config import DiffusionConfig
 from diffbir.models.cldm import ControlLDM
 from diffbir.models.unet import IRControlNet, UNetConfig, build_unet

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
+import os
 import sys
 from typing import Literal
 
@@ -183,11 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if hasattr(signal, "SIGPIPE"):  # `diffbir info ... | head` ends quietly
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # `diffbir info ... | head`: the reader left; end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (CheckpointError, FileExistsError, FileNotFoundError, ValidationError, ValueError) as e:
         print(f"diffbir {args.command}: error: {e}", file=sys.stderr)
         return 2
