@@ -25,4 +25,11 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     ray_constants.ENABLE_RAY_CLUSTER = ray_constants.env_bool(_LOOPBACK, True)
     # address="local" never attaches to another local cluster found in /tmp/ray; no dashboard
     # on a small machine (it costs a core's worth of start-up).
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
+    for attempt in range(3):  # a loaded machine can miss Ray's start-up deadlines: try again
+        try:
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
+            return
+        except Exception:  # noqa: BLE001 -- Ray raises a bare Exception on a start-up timeout
+            ray.shutdown()
+            if attempt == 2:
+                raise

@@ -94,3 +94,13 @@ def tiny_bundle(golden, tiny_configs):
     heads = tiny_configs["cldm"]["params"]["unet_cfg"]["num_head_channels"]
     files = [weights / "sd21_tiny.safetensors", weights / "ircontrolnet_tiny.safetensors", weights / "swinir_tiny.safetensors"]
     return load_model(files, num_head_channels=heads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_ray_at_session_end():
+    """Test modules share one local Ray (starting it costs seconds); stop it once at the end."""
+    yield
+    import sys
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()

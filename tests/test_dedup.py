@@ -121,13 +121,10 @@ def test_groups_are_transitive():
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
-
     from pipelines.ray_env import ensure_ray
 
-    ensure_ray(num_cpus=2)
+    ensure_ray(num_cpus=2)  # shared by the session; conftest stops it at the end
     yield
-    ray.shutdown()
 
 
 def test_dedup_across_shards_keeps_the_better_copy(tmp_path, ray_local):

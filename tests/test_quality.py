@@ -233,13 +233,10 @@ def sample(key: str, img_bytes: bytes | None, ext: str = "png", meta: dict | Non
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
-
     from pipelines.ray_env import ensure_ray
 
-    ensure_ray(num_cpus=2)
+    ensure_ray(num_cpus=2)  # shared by the session; conftest stops it at the end
     yield
-    ray.shutdown()
 
 
 def test_filter_quality_on_tars(tmp_path, ray_local):
