@@ -15,6 +15,8 @@ size) instead of the bytes themselves, so everything after this stage moves kilo
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import hashlib
 import importlib
 import io
@@ -419,14 +421,15 @@ def load_learned_iqa(config: LearnedIQAConfig) -> LearnedIQA:
     return scorer
 
 
-class TorchIQA:
+class TorchIQA(ABC):
     """Base for torch scorers: a subclass gives `build()` (the untrained network, mapping an
     N×3×S×S float batch in [0, 1] to N scores) and `input_size`; `load` fills it from a state
     dict in .safetensors or a torch.save file (read with weights_only=True: never unpickles code)."""
     input_size = 224
 
+    @abstractmethod
     def build(self):
-        raise NotImplementedError
+        """The untrained scoring network."""
 
     def load(self, weights_path: str) -> None:
         import torch
