@@ -5,11 +5,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast bench clean train-rm train-gm promote filter-laion
+.PHONY: setup test test-fast bench clean promote filter-laion
 
-# With RAY_ADDRESS set, training is submitted to that cluster as a Ray job; else it runs here
-# (starting a local Ray). CONFIG and ARGS pass a config file and extra flags.
-RUN_JOB = $(if $(RAY_ADDRESS),$(VENV)/bin/ray job submit --address $(RAY_ADDRESS) --working-dir . -- python,$(PY))
+# CONFIG and ARGS pass a config file and extra flags to the targets below.
 
 setup: $(STAMP)
 
@@ -30,12 +28,6 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
-
-train-rm: $(STAMP)
-	$(RUN_JOB) training/train_rm.py --config $(or $(CONFIG),training/configs/rm_tiny.yaml) $(ARGS)
-
-train-gm: $(STAMP)
-	$(RUN_JOB) training/train_gm.py --config $(or $(CONFIG),training/configs/gm_tiny.yaml) $(ARGS)
 
 # The data pipeline: the embedded sample by default; METADATA=<parquet/glob/URL> OUTPUT=<dir/URL>
 # for the real laion2B-en metadata (RAY_ADDRESS joins a cluster).
