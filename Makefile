@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast bench clean promote filter-laion
+.PHONY: setup test test-fast bench clean promote filter-laion example-data train-rm train-gm
 
 # CONFIG and ARGS pass a config file and extra flags to the targets below.
 
@@ -33,6 +33,34 @@ test-fast: $(STAMP)
 # for the real laion2B-en metadata (RAY_ADDRESS joins a cluster).
 filter-laion: $(STAMP)
 	$(PY) -m pipelines.filter_laion $(if $(METADATA),--metadata $(METADATA)) $(if $(OUTPUT),--output $(OUTPUT)) $(ARGS)
+
+# Training. Without RAY_ADDRESS the script starts (or joins) a local Ray; with it, the run is a
+# Ray job on that cluster. A job runs in an uploaded copy of this directory without its
+# git-ignored runs/, so the tiny configs' paths are passed absolute. JOB_PYTHON: the job's
+# interpreter (on a cluster whose image has the project installed: JOB_PYTHON=python). The job
+# gets this shell's MLFLOW_TRACKING_URI (jobs otherwise see the cluster's environment).
+EXAMPLE    := runs/data/example
+SHARED_W   := $(abspath ../shared/reference/golden/shared/weights)
+JOB_PYTHON ?= $(abspath $(PY))
+JOB_ENV     = $(if $(MLFLOW_TRACKING_URI),--runtime-env-json '{"env_vars": {"MLFLOW_TRACKING_URI": "$(MLFLOW_TRACKING_URI)"}}')
+RUN_JOB     = $(if $(RAY_ADDRESS),RAY_AUTH_MODE=token $(VENV)/bin/ray job submit --address $(RAY_ADDRESS) --working-dir . $(JOB_ENV) -- $(JOB_PYTHON),$(PY))
+TINY_PATHS  = --data $(CURDIR)/$(EXAMPLE)/train --val-data $(CURDIR)/$(EXAMPLE)/val --storage $(CURDIR)/runs/train --mlflow-dir $(CURDIR)/runs/mlflow
+
+example-data: $(EXAMPLE)/.done
+
+$(EXAMPLE)/.done: | $(STAMP)
+	$(PY) -m pipelines.feed $(EXAMPLE)
+	touch $@
+
+# CONFIG=<yaml> runs another config as it is (its own data and storage); the default is the
+# tiny one on the example shards, and the GM's frozen RM is the one train-rm trained.
+train-rm: $(STAMP) $(if $(CONFIG),,$(EXAMPLE)/.done)
+	$(RUN_JOB) training/train_rm.py --config $(or $(CONFIG),training/configs/rm_tiny.yaml) $(if $(CONFIG),,$(TINY_PATHS)) $(ARGS)
+
+train-gm: $(STAMP) $(if $(CONFIG),,$(EXAMPLE)/.done)
+	$(if $(CONFIG),,test -f runs/train/rm-tiny/model/model.json || $(MAKE) train-rm)
+	$(RUN_JOB) training/train_gm.py --config $(or $(CONFIG),training/configs/gm_tiny.yaml) \
+	  $(if $(CONFIG),,$(TINY_PATHS) --base-weights $(SHARED_W)/sd21_tiny.safetensors --stage1-weights $(CURDIR)/runs/train/rm-tiny/model) $(ARGS)
 
 promote: $(STAMP)
 	$(PY) training/promote.py --config $(or $(CONFIG),training/configs/promote.yaml) $(ARGS)

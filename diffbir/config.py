@@ -1,8 +1,12 @@
 """Model-level configuration shared by the checkpoint format and the samplers."""
 from __future__ import annotations
 
+import argparse
+import json
+import types
+import typing
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 
@@ -39,3 +43,36 @@ def load_config(cls: type[BaseModel], config_file: str | Path | None = None, **o
             raise ValueError(f"{path}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
     data.update({k: v for k, v in overrides.items() if v is not None})
     return cls(**data)
+
+
+def build_parser(cls: type[BaseModel], description: str = "", prog: str | None = None) -> argparse.ArgumentParser:
+    """`--config FILE` plus one flag per field of `cls`: `--some-field` for `some_field`. List
+    fields of scalars take several values, booleans `--x/--no-x`, dict and nested fields JSON."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", help=f"YAML file of {cls.__name__} fields; flags override it")
+    for name, field in cls.model_fields.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, help=field.description, **_flag(field.annotation))
+    return parser
+
+
+def parse_config(cls: type[BaseModel], argv: list[str] | None = None, description: str = "", prog: str | None = None):
+    """The config a command line names: its --config file, then its flags (see build_parser)."""
+    args = vars(build_parser(cls, description, prog).parse_args(argv))
+    return load_config(cls, args.pop("config"), **args)
+
+
+def _flag(annotation) -> dict:
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # X | None
+        return _flag(next(a for a in args if a is not type(None)))
+    if typing.get_origin(annotation) is Annotated:
+        return _flag(args[0])
+    if typing.get_origin(annotation) is list and _flag(args[0]).get("type") in (int, float, str):
+        return {"nargs": "+", **_flag(args[0])}
+    if typing.get_origin(annotation) is Literal:
+        return {"type": type(args[0]), "choices": args}
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction, "default": None}
+    if annotation in (int, float, str):
+        return {"type": annotation}
+    return {"type": json.loads, "metavar": "JSON"}

@@ -1,4 +1,4 @@
-"""Start or join the Ray cluster every pipeline stage runs on."""
+"""Start or join the Ray cluster every pipeline stage, training run and server runs on."""
 from __future__ import annotations
 
 import os
@@ -9,25 +9,32 @@ from ray._private import ray_constants
 _LOOPBACK = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray binds to 127.0.0.1, not the network address
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster at RAY_ADDRESS if set, else start a local Ray on 127.0.0.1 with
-    `num_cpus` CPUs (default: all of this machine's). Does nothing when Ray is already up."""
+def loopback_env() -> None:
+    """Ray processes started from this one bind to 127.0.0.1 and send no usage reports.
+
+    The Ray processes read these from the environment; this process read the first when ray
+    was imported (possibly before this call), hence the constant is set too."""
+    os.environ.setdefault(_LOOPBACK, "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray_constants.ENABLE_RAY_CLUSTER = ray_constants.env_bool(_LOOPBACK, True)
+
+
+def ensure_ray(num_cpus: int | None = None, include_dashboard: bool = False) -> None:
+    """Join the cluster at RAY_ADDRESS if set (a `ray job submit` entrypoint has it), else start
+    a local Ray on 127.0.0.1 with `num_cpus` CPUs (default: all of this machine's). Does nothing
+    when Ray is already up. The dashboard costs a core's worth of start-up on a small machine;
+    Ray Train needs it (its controller watches the workers through the state API it serves)."""
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
         return
-    # The Ray processes started below read these from the environment; this process read the
-    # first when ray was imported (possibly before this call), hence the constant is set too.
-    os.environ.setdefault(_LOOPBACK, "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray_constants.ENABLE_RAY_CLUSTER = ray_constants.env_bool(_LOOPBACK, True)
-    # address="local" never attaches to another local cluster found in /tmp/ray; no dashboard
-    # on a small machine (it costs a core's worth of start-up).
+    loopback_env()
+    # address="local" never attaches to another local cluster found in /tmp/ray
     for attempt in range(3):  # a loaded machine can miss Ray's start-up deadlines: try again
         try:
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=include_dashboard)
             return
         except Exception:  # noqa: BLE001 -- Ray raises a bare Exception on a start-up timeout
             ray.shutdown()

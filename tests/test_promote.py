@@ -13,9 +13,9 @@ from mlflow import MlflowClient
 from skimage import data
 from test_registry import mlflow_store, new_run, save_tiny  # noqa: F401 (mlflow_store is a fixture)
 
-from diffbir.config import load_config
+from diffbir.config import build_parser, load_config
 from training import registry
-from training.promote import PromoteConfig, build_parser, main, promote
+from training.promote import PromoteConfig, main, promote
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "diffbir-promote"
@@ -155,5 +155,5 @@ def test_errors_exit_nonzero(mlflow_store, heldout, tmp_path, capsys, flags, mes
 def test_shipped_config_and_flags_cover_every_field():
     cfg = load_config(PromoteConfig, ROOT / "training/configs/promote.yaml")
     assert cfg.alias == "champion" and cfg.candidate is None
-    flags = {a.dest for a in build_parser()._actions} - {"help", "config"}
+    flags = {a.dest for a in build_parser(PromoteConfig)._actions} - {"help", "config"}
     assert flags == set(PromoteConfig.model_fields)

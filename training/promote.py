@@ -18,7 +18,6 @@ tag holding the comparison (scores, margins, decision) as JSON. Exit status 0 wh
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -38,7 +37,7 @@ from torch import nn
 
 from diffbir.checkpoints.loading import load_model
 from diffbir.checkpoints.platform import read_manifest
-from diffbir.config import load_config
+from diffbir.config import build_parser, load_config
 from diffbir.image_io import decode_image
 from diffbir.pipeline import RestorationPipeline, RestoreOptions
 from diffbir.sampling.tiling import tiled_stage1
@@ -244,21 +243,9 @@ def format_summary(p: Promotion) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="promote", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML file of the fields below; flags override it")
-    for name, f in PromoteConfig.model_fields.items():  # one flag per field; pydantic converts the strings
-        flag = "--" + name.replace("_", "-")
-        if f.annotation is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=f.description)
-        else:
-            parser.add_argument(flag, help=f.description)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep the summary readable
-    args = vars(build_parser().parse_args(argv))
+    args = vars(build_parser(PromoteConfig, __doc__.split("\n\n")[0], prog="promote").parse_args(argv))
     try:
         result = promote(load_config(PromoteConfig, args.pop("config"), **args))
     # ValueError also covers bad configs (pydantic), unreadable images and checkpoints

@@ -1,0 +1,168 @@
+"""Tiny RM and GM runs through the real stack: Ray Train workers, DeepSpeed, the Ray Data feed
+on shards of real photos, MLflow (SQLite in a temporary directory) and the registry.
+
+- The RM run trains the shipped rm_tiny.yaml (300 steps) and must beat its degraded inputs on
+  held-out crops.
+- A second run of the same config loses its training worker to SIGKILL right after its first
+  checkpoint: Ray Train starts a new worker, which restores model, optimizer, scheduler, noise
+  generator and data position and finishes the budget on the first run's loss curve. Rerun
+  under its name with a larger budget, it resumes from its last checkpoint, still on the curve.
+- The GM run stacks IRControlNet on the tiny SD 2.1 with the trained RM as stage 1."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+import ray.cloudpickle
+import torch
+from mlflow import MlflowClient
+from ray.train.v2.api.callback import UserCallback
+from ray.util.state import list_actors
+
+from diffbir.checkpoints.loading import load_model
+from diffbir.config import load_config
+from pipelines.feed import VAL_PHOTOS, write_example_shards
+from training import registry
+from pipelines.ray_env import ensure_ray
+from training.launch import RUN_TAG, config_hash, train
+from training.train_gm import GMConfig
+from training.train_rm import RMConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_METRICS = {"train/loss", "train/lr", "train/samples_per_s", "train/data_wait_s", "train/data_wait_frac", "train/peak_memory_mb"}
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # KillOnce runs in Ray Train's controller
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    if ray.is_initialized():  # an earlier module's Ray, started without the dashboard Ray Train needs
+        ray.shutdown()
+    ensure_ray(include_dashboard=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    write_example_shards(str(root / "data/train"))
+    write_example_shards(str(root / "data/val"), VAL_PHOTOS)
+    return root
+
+
+def tiny(cls, yaml: str, root: Path, **overrides):
+    """The shipped tiny config with this test's data, storage and MLflow store."""
+    return load_config(cls, ROOT / "training/configs" / yaml, data=str(root / "data/train"), val_data=str(root / "data/val"),
+                       storage=str(root / "runs"), mlflow_dir=str(root / "mlflow"), **overrides)
+
+
+def mlflow_run(cfg):
+    (run,) = MlflowClient().search_runs([registry.experiment_id(cfg.experiment)], f"tags.`{RUN_TAG}` = '{cfg.storage}/{cfg.name}'")
+    return run
+
+
+def loss_curve(cfg) -> dict[int, float]:
+    """Step -> logged loss; a step logged twice (before a kill and after the restart) must have
+    the same value twice."""
+    curve: dict[int, float] = {}
+    for m in MlflowClient().get_metric_history(mlflow_run(cfg).info.run_id, "train/loss"):
+        assert curve.setdefault(m.step, m.value) == pytest.approx(m.value, rel=1e-5), m.step
+    return curve
+
+
+def check_tracked(cfg, parts: set[str], system_metrics: bool = True) -> None:
+    """Params, metrics, sample grids, the final model (artifact, storage, registry)."""
+    run = mlflow_run(cfg)
+    client = MlflowClient()
+    assert run.info.status == "FINISHED"
+    assert set(type(cfg).model_fields) <= set(run.data.params)
+    assert run.data.params["steps"] == str(cfg.steps)
+    assert TRAIN_METRICS | {"val/psnr", "val/ssim"} <= set(run.data.metrics)
+    if system_metrics:  # sampled every 10 s
+        assert any(k.startswith("system/") for k in run.data.metrics), "no system metrics"
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == cfg.steps // cfg.log_every
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert images and all(p.endswith(".png") for p in images)
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} >= {"model/model.json"} | {f"model/{p}.safetensors" for p in parts}
+    checkpoints = sorted(p.name for p in (Path(cfg.storage) / cfg.name).glob("checkpoint_*") if p.is_dir())
+    assert checkpoints[-1] == f"checkpoint_{cfg.steps:08d}" and len(checkpoints) <= cfg.keep_checkpoints
+    name, version = run.data.tags["registered_version"].split("/")
+    info = registry.version_info(f"models:/{name}/{version}")
+    assert info["run_id"] == run.info.run_id
+    assert info["tags"]["lineage.data"] == cfg.data and info["tags"]["lineage.config_hash"] == config_hash(cfg)
+
+
+@pytest.fixture(scope="module")
+def rm_run(local_ray, workdir):
+    cfg = tiny(RMConfig, "rm_tiny.yaml", workdir, name="rm")
+    return cfg, train(cfg, "training.train_rm:RMTask")
+
+
+def test_rm_run_is_tracked(rm_run):
+    cfg, result = rm_run
+    assert result.metrics["step"] == cfg.steps
+    check_tracked(cfg, {"swinir"})
+    stage1 = load_model(Path(cfg.storage) / cfg.name / "model").stage1
+    assert stage1(torch.rand(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+
+
+def test_rm_beats_its_degraded_inputs(rm_run):
+    """Held-out photos (chelsea, motorcycle_right): PSNR of the restored crops vs the LQ crops."""
+    _, result = rm_run
+    m = result.metrics
+    print(f"\nheld-out PSNR: RM {m['val/psnr']:.2f} dB vs LQ {m['val/psnr_lq']:.2f} dB; "
+          f"SSIM: RM {m['val/ssim']:.3f} vs LQ {m['val/ssim_lq']:.3f}")
+    assert m["val/psnr"] > m["val/psnr_lq"] + 0.5
+
+
+class KillOnce(UserCallback):
+    """Runs in the Ray Train controller: after the first checkpoint is registered, SIGKILL the
+    training worker (once: a marker file survives the restart)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if checkpoint is None or os.path.exists(self.marker):
+            return
+        alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+        (worker,) = list_actors(address=ray.get_runtime_context().gcs_address, filters=alive)
+        Path(self.marker).write_text(f"killed {worker.pid} after step {metrics[0]['step']}")
+        os.kill(worker.pid, signal.SIGKILL)
+
+
+def test_killed_and_resumed_runs_stay_on_the_curve(rm_run, workdir):
+    reference, _ = rm_run  # validation, checkpoints and the EMA draw no randomness: the same curve
+    killed = reference.model_copy(update=dict(name="killed", steps=20, checkpoint_every=10, val_every=1000, register_as="", max_failures=1))
+    marker = workdir / "killed.txt"
+    result = train(killed, "training.train_rm:RMTask", callbacks=[KillOnce(str(marker))])
+    assert marker.read_text().endswith("after step 10")  # killed right after the first checkpoint,
+    assert result.metrics["train/resumed_from"] == 10 and result.metrics["step"] == 20  # restored, finished
+
+    resumed = train(killed.model_copy(update={"steps": 30}), "training.train_rm:RMTask")  # the same name: resumes
+    assert resumed.metrics["train/resumed_from"] == 20 and resumed.metrics["step"] == 30
+
+    expected, got = loss_curve(reference), loss_curve(killed)
+    assert sorted(got) == [10, 20, 30]
+    for step in got:  # the same data, noise and optimizer state at every step
+        assert got[step] == pytest.approx(expected[step], rel=1e-4), (step, got, expected)
+
+
+def test_gm_run_is_tracked(rm_run, workdir):
+    rm_cfg, _ = rm_run
+    cfg = tiny(GMConfig, "gm_tiny.yaml", workdir, name="gm", steps=6, log_every=2, val_every=3, image_every=6,
+               checkpoint_every=3, stage1_weights=str(Path(rm_cfg.storage) / rm_cfg.name / "model"))
+    result = train(cfg, "training.train_gm:GMTask")
+    assert result.metrics["step"] == cfg.steps
+    assert {"val/psnr", "val/psnr_stage1"} <= set(result.metrics)
+    check_tracked(cfg, {"unet", "controlnet", "vae", "swinir", "text_encoder"}, system_metrics=False)  # a short run
+    model = load_model(Path(cfg.storage) / cfg.name / "model")
+    assert model.diffusion.parameterization == "v"
+    cldm = model.cldm
+    z = torch.randn(1, 4, 8, 8)
+    c_img = cldm.condition_latent(model.stage1(torch.rand(1, 3, 64, 64)))
+    assert cldm(z, torch.tensor([999]), cldm.text_context([""]), c_img).shape == z.shape
