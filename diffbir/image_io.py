@@ -33,12 +33,14 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXEL
     """Bytes -> (RGB float32 (H, W, 3) in [0, 1], ImageInfo), EXIF orientation applied."""
     try:
         with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            orientation = im.getexif().get(0x0112, 1)
+            w, h = im.size  # from the header: a decompression bomb is refused before any decoding
+            if w * h > max_pixels:
+                raise ImageError(f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,}")
+            orientation = im.getexif().get(0x0112, 1)  # for a PNG, PIL decodes the image to find it
+    except ImageError:
+        raise
     except Exception as e:  # PIL raises many types for bad data
         raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {e})") from e
-    if w * h > max_pixels:
-        raise ImageError(f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,}")
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if arr is None or arr.shape[:2] != (h, w):
         raise ImageError(f"{name}: image data is truncated or corrupt")

@@ -38,6 +38,7 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "filter_laion.yaml"
 class SampleConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     slow_seconds: float = Field(30.0, gt=0, description="the deliberately slow URL answers after this")
+    port: int = Field(0, ge=0, le=65535, description="loopback port of the sample's server; 0: any free one (a rerun on the same output reuses the previous)")
 
 
 class FilterLaionConfig(BaseModel):
@@ -61,7 +62,7 @@ def run(cfg: FilterLaionConfig) -> dict:
     with ExitStack() as stack:
         metadata = cfg.metadata
         if metadata is None:
-            sample = stack.enter_context(embedded_sample(Path(work) / "sample", cfg.sample.slow_seconds))
+            sample = stack.enter_context(embedded_sample(Path(work) / "sample", cfg.sample.slow_seconds, cfg.sample.port))
             metadata = [str(p) for p in sample.metadata]
             log.info("embedded sample: %d metadata rows served from %s", len(sample.rows), sample.base_url)
         ensure_ray()

@@ -69,7 +69,7 @@ SCHEMA = pa.schema(
 
 
 class SampleServer:
-    """Threaded HTTP server on 127.0.0.1 (ephemeral port) for the files in `root`.
+    """Threaded HTTP server on 127.0.0.1 (`port`, default ephemeral) for the files in `root`.
 
     `/img/<name>` answers at once, `/slow/<name>` only after `slow_seconds` (or drops the
     connection when the server stops), anything else is a 404. The content type follows the
@@ -77,11 +77,11 @@ class SampleServer:
     Use as a context manager; `base_url` is known as soon as it is constructed.
     """
 
-    def __init__(self, root: str | Path, slow_seconds: float = 30.0):
+    def __init__(self, root: str | Path, slow_seconds: float = 30.0, port: int = 0):
         self.root = Path(root)
         self.slow_seconds = slow_seconds
         self._stopping = threading.Event()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self._httpd.daemon_threads = True
         self.base_url = f"http://127.0.0.1:{self._httpd.server_port}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="sample-server", daemon=True)
@@ -331,7 +331,19 @@ def build_sample(root: str | Path, base_url: str, slow_seconds: float = 30.0) ->
 
 
 @contextmanager
-def embedded_sample(root: str | Path, slow_seconds: float = 30.0) -> Iterator[SampleManifest]:
-    """Build the sample under `root` and serve it on 127.0.0.1 for the duration of the block."""
-    with SampleServer(Path(root) / "www", slow_seconds) as server:
+def embedded_sample(root: str | Path, slow_seconds: float = 30.0, port: int = 0) -> Iterator[SampleManifest]:
+    """Build the sample under `root` and serve it on 127.0.0.1:`port` for the duration of the block.
+
+    With port 0, a rerun over the same `root` (resuming a killed pipeline) serves on the port the sample had:
+    its URLs, and with them the rows' hashes and the prefilter's order, stay the same, so
+    finished download shards hold exactly the rows the rerun would have put there."""
+    previous = Path(root) / "manifest.json"
+    if not port and previous.is_file():
+        port = urlsplit(load_manifest(previous).base_url).port
+    try:
+        server = SampleServer(Path(root) / "www", slow_seconds, port)
+    except OSError as e:
+        raise RuntimeError(f"cannot serve the sample on 127.0.0.1:{port} ({e}): free the port (a rerun needs the "
+                           "one it had before) or use another port / a new output directory") from e
+    with server:
         yield build_sample(root, server.base_url, slow_seconds)

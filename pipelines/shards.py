@@ -140,11 +140,12 @@ def write_shards(records: Iterable[Mapping[str, Any]] | ray.data.Dataset, output
     """Write kept quality-stage rows (`pipelines.quality.SCORED_SCHEMA` columns) as shards of
     exactly `samples_per_shard` samples (the last one smaller) into `output`, a local directory
     or fsspec URL. Rows are written in the order given; a Ray dataset is first sorted by
-    (source, offset), so a rerun writes identical shards and each download tar is read in order."""
+    (source, key): the metadata's row order, whatever order the downloads finished in (which
+    sets the members' offsets), so a rerun, or a resumed run, writes identical shards."""
     config = config or ShardConfig()
     ray_data = sys.modules.get("ray.data")  # only a caller that imported Ray Data can pass a Dataset
     if ray_data and isinstance(records, ray_data.Dataset):
-        records = records.sort(["source", "offset"]).iter_rows()
+        records = records.sort(["source", "key"]).iter_rows()
     fs, root = fsspec.core.url_to_fs(output)
     fs.makedirs(root, exist_ok=True)
     for stale in fs.glob(f"{root}/.*.tmp-*"):  # left by a killed run

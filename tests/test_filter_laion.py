@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import ray
 import webdataset as wds
+import yaml
 
 from pipelines.filter_laion import FilterLaionConfig, main, run
 from pipelines.sample import load_manifest
@@ -20,16 +27,31 @@ QUALITY_CHECKS = {"blur": {"blurry", "low_effective_resolution"}, "jpeg": {"low_
 DEDUP_REASONS = {"exact": "exact_duplicate", "near": "near_duplicate"}
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# One port for every run here: the sample's URLs (and so the LAION row hashes and the order rows
+# reach the download shards in) are then the same in each, and so must be the final shards.
+CONFIG = dict(sample={"slow_seconds": 8, "port": free_port()}, download={"shard_size": 8, "thread_count": 4, "timeout": 3},
+              shards={"samples_per_shard": 3})
+
+
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("laion")
-    cfg = FilterLaionConfig(
-        output=str(out),
-        sample={"slow_seconds": 8},
-        download={"shard_size": 8, "thread_count": 4, "timeout": 3},
-        shards={"samples_per_shard": 3},
-    )
-    return out, run(cfg)
+    return out, run(FilterLaionConfig(output=str(out), **CONFIG))
+
+
+def shard_contents(out: Path) -> list[list[tuple]]:
+    """Per final shard: (key, image sha256, caption) of each sample, in order."""
+    return [[(s["__key__"], json.loads(s["json"])["sha256"], s["txt"]) for s in wds.WebDataset(str(tar), shardshuffle=False)]
+            for tar in sorted((out / "shards").glob("*.tar"))]
 
 
 def test_exactly_the_expected_images_survive(result):
@@ -78,3 +100,31 @@ def test_missing_metadata_column_is_a_clear_error(tmp_path, capsys):
     assert main(["--metadata", str(bad), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "meta.parquet" in err and "WIDTH" in err
+
+
+def test_killed_pipeline_reruns_to_the_same_shards_and_counts(result, tmp_path):
+    """`python -m pipelines.filter_laion` killed mid-download, then rerun on the same output."""
+    done, report = result
+    out, config = tmp_path / "laion", tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # joins this test's Ray
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.filter_laion", "--config", str(config), "--output", str(out)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((out / "_work" / "download").glob("*_stats.json")):  # a finished download shard
+            assert proc.poll() is None, "the pipeline ended before the download was under way"
+            assert time.monotonic() < deadline, "no download shard finished in time"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (out / "shards").exists() and not (out / "stats.json").exists()  # killed mid-way
+    deadline = time.monotonic() + 60  # until the killed driver's tasks are gone
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+    rerun = run(FilterLaionConfig(output=str(out), **CONFIG))
+    assert shard_contents(out) == shard_contents(done)
+    counts = lambda r: [(s["name"], s["n_in"], s["n_out"], s["rejected"]) for s in r["stages"]]  # noqa: E731
+    assert counts(rerun) == counts(report)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import zlib
 
 import numpy as np
 import pytest
@@ -72,3 +73,20 @@ def test_bad_inputs_are_refused_with_the_name():
         decode_image(good, "big.png", max_pixels=64 * 63)
     with pytest.raises(ValueError, match="unsupported output format"):
         encode_image(np.zeros((4, 4, 3), np.float32), fmt=".gif")
+
+
+def test_pixel_limit_is_checked_on_the_header_before_any_decoding(monkeypatch):
+    """A PNG claiming 12000 x 12000 pixels (a decompression bomb) is refused from its header:
+    reading its EXIF would make PIL inflate the whole image first."""
+    from PIL import PngImagePlugin
+
+    bomb = bytearray(_png(np.zeros((8, 8, 3), np.uint8)))
+    bomb[16:24] = (12000).to_bytes(4, "big") * 2  # IHDR width and height (below PIL's own bomb error)
+    bomb[29:33] = zlib.crc32(bytes(bomb[12:29])).to_bytes(4, "big")
+
+    def inflate(self):
+        raise AssertionError("the image was decoded before the pixel limit was checked")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "getexif", inflate)
+    with pytest.raises(ImageError, match=r"bomb.png: 12000x12000 = 144,000,000 pixels exceeds the limit of 1,000,000"):
+        decode_image(bytes(bomb), "bomb.png", max_pixels=1_000_000)

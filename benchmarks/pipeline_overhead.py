@@ -1,0 +1,122 @@
+"""The data pipeline's overhead over plain img2dataset, on the same input.
+
+A LAION-style parquet of N rows points at N distinct ~1 MP JPEGs (crops of scikit-image's and
+scikit-learn's photos) served on 127.0.0.1. Three runs over it, each repeated:
+- plain: `img2dataset.download` (its multiprocessing distributor, one process per core, original
+  bytes kept), the tool people would otherwise use;
+- download: this platform's download stage alone (img2dataset's downloader in per-shard Ray
+  tasks, atomic and resumable), the like-for-like comparison;
+- pipeline: every stage (prefilter, download, quality filter, global dedup, final shards, report).
+A local Ray is started once before timing (a cluster is up already in real use). Wall-clock
+medians; a quiet machine is needed for meaningful figures.
+
+    .venv/bin/python benchmarks/pipeline_overhead.py --rows 256 --repeats 3
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.quality_filter import cpu_model, photos  # noqa: E402
+from pipelines.sample import SCHEMA, SampleServer  # noqa: E402
+
+SHARD_SIZE = 64
+
+
+def distinct_jpegs(n: int, seed: int = 0) -> list[bytes]:
+    """n different ~1 MP JPEGs (q=92): random crops of upscaled photos, so no two are near duplicates
+    by chance of the source alone (the dedup stage still sees what it sees)."""
+    rng = np.random.default_rng(seed)
+    sources, out = photos(), []
+    for i in range(n):
+        img = Image.fromarray(sources[i % len(sources)])
+        f = max(1200 / min(img.size), 1.0)
+        img = img.resize((round(img.width * f), round(img.height * f)), Image.Resampling.BICUBIC)
+        w, h = 1024, 1024 if i % 2 else 768
+        x, y = rng.integers(0, img.width - w + 1), rng.integers(0, img.height - h + 1)
+        buf = io.BytesIO()
+        img.crop((x, y, x + w, y + h)).convert("RGB").save(buf, "JPEG", quality=92)
+        out.append(buf.getvalue())
+    return out
+
+
+def write_metadata(root: Path, base_url: str, images: list[bytes]) -> Path:
+    rows = []
+    for i, data in enumerate(images):
+        (root / "www" / f"{i:06d}.jpg").write_bytes(data)
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+        rows.append(dict(URL=f"{base_url}/img/{i:06d}.jpg", TEXT=f"photo {i}", WIDTH=w, HEIGHT=h, similarity=0.3,
+                         hash=i, punsafe=0.01, pwatermark=0.01, AESTHETIC_SCORE=6.0))
+    path = root / "metadata.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path)
+    return path
+
+
+def run_plain(metadata: Path, out: Path) -> None:
+    from img2dataset import download
+
+    download(url_list=str(metadata), input_format="parquet", url_col="URL", caption_col="TEXT", output_format="webdataset",
+             output_folder=str(out), processes_count=os.cpu_count(), thread_count=16, resize_mode="no",
+             number_sample_per_shard=SHARD_SIZE, distributor="multiprocessing", timeout=10, retries=0)
+
+
+def run_download(metadata: Path, out: Path) -> None:
+    from pipelines.download import DownloadConfig, download
+
+    download([str(metadata)], out, DownloadConfig(shard_size=SHARD_SIZE, thread_count=16))
+
+
+def run_pipeline(metadata: Path, out: Path) -> None:
+    from pipelines.filter_laion import FilterLaionConfig, run
+
+    run(FilterLaionConfig(metadata=[str(metadata)], output=str(out), download={"shard_size": SHARD_SIZE, "thread_count": 16}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    from pipelines.ray_env import ensure_ray
+
+    ensure_ray()
+    runs = {"plain img2dataset": run_plain, "download stage": run_download, "whole pipeline": run_pipeline}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "www").mkdir()
+        with SampleServer(root / "www") as server:
+            metadata = write_metadata(root, server.base_url, distinct_jpegs(args.rows))
+            for r in range(args.repeats):
+                for name, fn in runs.items():  # interleaved, so drifting load hits all alike
+                    out = root / f"out-{r}-{name.split()[0]}"
+                    t = time.perf_counter()
+                    fn(metadata, out)
+                    times[name].append(time.perf_counter() - t)
+                    shutil.rmtree(out)
+    print(f"{args.rows} rows of ~1 MP JPEG on {os.cpu_count()} cores ({cpu_model()}), {args.repeats} repeats")
+    base = statistics.median(times["plain img2dataset"])
+    print("| run | median s | images/s | vs plain img2dataset |\n|---|---|---|---|")
+    for name, ts in times.items():
+        m = statistics.median(ts)
+        print(f"| {name} | {m:.1f} | {args.rows / m:.1f} | {m / base:.2f}x |  (all: {', '.join(f'{t:.1f}' for t in ts)})")
+
+
+if __name__ == "__main__":
+    main()
