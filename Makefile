@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast bench clean promote filter-laion example-data train-rm train-gm
+.PHONY: setup test test-fast bench clean demo promote filter-laion example-data train-rm train-gm restore-archive serve
 
 # CONFIG and ARGS pass a config file and extra flags to the targets below.
 
@@ -25,6 +25,11 @@ $(STAMP): requirements/constraints.txt requirements/lock.txt requirements/base.t
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The whole loop on this machine: filter the sample, train, register, promote, serve, restore
+# (infra/demo.py; CONFIG=infra/configs/demo.yaml, ARGS='--hold' keeps the services up).
+demo: $(STAMP)
+	$(PY) infra/demo.py $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
@@ -53,17 +58,30 @@ $(EXAMPLE)/.done: | $(STAMP)
 	touch $@
 
 # CONFIG=<yaml> runs another config as it is (its own data and storage); the default is the
-# tiny one on the example shards, and the GM's frozen RM is the one train-rm trained.
+# tiny one on the example shards, and the GM's frozen RM is RM_MODEL, the one train-rm trained
+# (trained first when missing).
 train-rm: $(STAMP) $(if $(CONFIG),,$(EXAMPLE)/.done)
 	$(RUN_JOB) training/train_rm.py --config $(or $(CONFIG),training/configs/rm_tiny.yaml) $(if $(CONFIG),,$(TINY_PATHS)) $(ARGS)
 
+RM_MODEL   ?= $(CURDIR)/runs/train/rm-tiny/model
+
 train-gm: $(STAMP) $(if $(CONFIG),,$(EXAMPLE)/.done)
-	$(if $(CONFIG),,test -f runs/train/rm-tiny/model/model.json || $(MAKE) train-rm)
+	$(if $(CONFIG),,test -f $(RM_MODEL)/model.json || $(MAKE) train-rm)
 	$(RUN_JOB) training/train_gm.py --config $(or $(CONFIG),training/configs/gm_tiny.yaml) \
-	  $(if $(CONFIG),,$(TINY_PATHS) --base-weights $(SHARED_W)/sd21_tiny.safetensors --stage1-weights $(CURDIR)/runs/train/rm-tiny/model) $(ARGS)
+	  $(if $(CONFIG),,$(TINY_PATHS) --base-weights $(SHARED_W)/sd21_tiny.safetensors --stage1-weights $(RM_MODEL)) $(ARGS)
 
 promote: $(STAMP)
 	$(PY) training/promote.py --config $(or $(CONFIG),training/configs/promote.yaml) $(ARGS)
+
+# The restoration API on Ray Serve, in the foreground until Ctrl-C (serving/configs/serve.yaml;
+# every field is also a flag: ARGS='--model-uri /tmp/diffbir-tiny --port 8080').
+serve: $(STAMP)
+	$(PY) -m serving.app --config $(or $(CONFIG),serving/configs/serve.yaml) $(ARGS)
+
+# Restore every image of an archive: IN=<tar, tar.gz, zip or folder; path or fsspec URL>
+# OUT=<the same kind>; the model is the config's (models:/diffbir@champion) unless ARGS='--model ...'.
+restore-archive: $(STAMP)
+	$(PY) -m serving.archive --config $(or $(CONFIG),serving/configs/archive.yaml) $(if $(IN),--input $(IN)) $(if $(OUT),--output $(OUT)) $(ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/load_memory.py

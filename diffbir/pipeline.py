@@ -73,6 +73,14 @@ def plan_sizes(h: int, w: int, scale: float, min_side: int) -> tuple[tuple[int, 
     return out, (math.ceil(out[0] * up), math.ceil(out[1] * up))
 
 
+def canvas_size(h: int, w: int, opts: RestoreOptions) -> tuple[int, int]:
+    """The padded size an h x w input is restored at: its working size in whole multiples of 64
+    (stage 1, and latents / 8 for the UNet). A batch pads every image to its largest canvas, so
+    images of one canvas restore together exactly as each would alone."""
+    _, (wh, ww) = plan_sizes(h, w, opts.scale, opts.min_side)
+    return math.ceil(wh / 64) * 64, math.ceil(ww / 64) * 64
+
+
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == size:
         return x
@@ -146,9 +154,8 @@ class RestorationPipeline:
         opts = opts or RestoreOptions()
         seeds = list(seeds) if seeds is not None else [opts.seed + i for i in range(len(images))]
         plans = [plan_sizes(im.shape[0], im.shape[1], opts.scale, opts.min_side) for im in images]
-        # the batch works at a common size, a multiple of 64 (stage 1, and latents / 8 for the UNet)
-        H = max(math.ceil(work[0] / 64) * 64 for _, work in plans)
-        W = max(math.ceil(work[1] / 64) * 64 for _, work in plans)
+        canvases = [canvas_size(im.shape[0], im.shape[1], opts) for im in images]
+        H, W = max(h for h, _ in canvases), max(w for _, w in canvases)  # the batch's common size
         clean = []
         for im, (_, work) in zip(images, plans):
             lq = torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)[None].to(self.device, self.dtype)

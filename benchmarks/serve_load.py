@@ -1,0 +1,167 @@
+"""Load test of the restoration API: N requests from C concurrent clients, each a different crop
+of a real photo; counts failures, reports latency percentiles, throughput and the batch sizes the
+server formed (each response's X-Batch-Size, and the replicas' GET /v1/stats).
+
+    python benchmarks/serve_load.py --model /tmp/diffbir-tiny                 # starts the app here
+    python benchmarks/serve_load.py --url http://127.0.0.1:8000/ --token ...  # a running app
+
+With --model (a model URI or platform directory) the app is started in this process from
+--config (serving/configs/serve.yaml) on a free port. Exit status 1 when any request failed.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+from collections import Counter
+
+import httpx
+import numpy as np
+from skimage import data
+
+from diffbir.config import load_config
+from diffbir.image_io import encode_image
+from serving.config import TOKEN_ENV, ServeConfig
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
+
+
+def crops(count: int, size: int, seed: int) -> list[bytes]:
+    """`count` PNG crops of size x size at random places in the bundled photos."""
+    rng = np.random.default_rng(seed)
+    photos = [getattr(data, name)() for name in PHOTOS]
+    out = []
+    for i in range(count):
+        img = photos[i % len(photos)]
+        y, x = rng.integers(0, img.shape[0] - size), rng.integers(0, img.shape[1] - size)
+        out.append(encode_image(img[y : y + size, x : x + size].astype(np.float32) / 255))
+    return out
+
+
+async def load(url: str, token: str | None, images: list[bytes], params: list[dict], concurrency: int) -> list[dict]:
+    """Send every request, `concurrency` at a time; one record per request, in order."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(len(images)):
+        queue.put_nowait(i)
+    records: list[dict] = [{} for _ in images]
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            i = queue.get_nowait()
+            start = time.perf_counter()
+            try:
+                r = await http.post("v1/restore", params=params[i], content=images[i], headers=headers)
+                ok = r.status_code == 200
+                records[i] = dict(status=r.status_code, ok=ok, error=None if ok else r.text[:200],
+                                  batch_size=int(r.headers.get("X-Batch-Size", 0)), version=r.headers.get("X-Model-Version"))  # fmt: skip
+            except httpx.HTTPError as e:
+                records[i] = dict(status=None, ok=False, error=repr(e), batch_size=0, version=None)
+            records[i]["seconds"] = time.perf_counter() - start
+
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as http:
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+    return records
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def summarize(records: list[dict], wall: float, stats: dict | None) -> dict:
+    seconds = [r["seconds"] for r in records if r["ok"]]
+    sizes = Counter(r["batch_size"] for r in records if r["ok"])
+    return dict(
+        requests=len(records),
+        failures=sum(not r["ok"] for r in records),
+        errors=[r["error"] for r in records if not r["ok"]][:5],
+        wall_s=round(wall, 2),
+        requests_per_s=round(len(records) / wall, 3),
+        latency_s={q: round(percentile(seconds, p), 3) for q, p in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
+        mean_latency_s=round(statistics.fmean(seconds), 3) if seconds else None,
+        # requests by the size of the batch they were in; batches = sum(count / size)
+        requests_by_batch_size={str(k): v for k, v in sorted(sizes.items())},
+        batches=round(sum(v / k for k, v in sizes.items() if k)),
+        versions=dict(Counter(r["version"] for r in records)),
+        server_stats=stats,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", help="a running app (default: start one here with --model)")
+    p.add_argument("--model", help="model URI or platform directory for the app started here")
+    p.add_argument("--config", default="serving/configs/serve.yaml", help="ServeConfig YAML for the app started here")
+    p.add_argument("--token", default=os.environ.get(TOKEN_ENV), help=f"bearer token (default ${TOKEN_ENV})")
+    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--warmup", type=int, default=2, help="requests sent (one by one) before measuring")
+    p.add_argument("--size", type=int, default=64, help="side of the square input crops")
+    p.add_argument("--tasks", nargs="+", default=["denoise", "sr"], help="cycled over the requests")
+    p.add_argument("--upscale", type=float, default=2, help="for sr requests")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--min-side", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the summary here")
+    args = p.parse_args(argv)
+    if not args.url and not args.model:
+        p.error("give --url (a running app) or --model (start one here)")
+
+    images = crops(args.warmup + args.requests, args.size, args.seed)
+    params = []
+    for i in range(len(images)):
+        task = args.tasks[i % len(args.tasks)]
+        upscale = {"upscale": args.upscale} if task == "sr" else {}
+        params.append(dict(task=task, steps=args.steps, min_side=args.min_side, seed=args.seed + i, **upscale))
+    if args.url:
+        return measure(args.url.rstrip("/") + "/", args, images, params)
+    from ray import serve  # the app runs here: Ray and Serve only then
+
+    from pipelines.ray_env import ensure_ray
+    from serving.app import run
+
+    cfg = load_config(ServeConfig, args.config, model_uri=args.model, port=free_port(), auth_token=args.token)
+    ensure_ray()
+    url = run(cfg)
+    print(f"started {args.model} at {url}: max_batch_size {cfg.max_batch_size}, "
+          f"batch_wait_timeout_s {cfg.batch_wait_timeout_s}, replicas {cfg.num_replicas}", flush=True)  # fmt: skip
+    try:
+        return measure(url, args, images, params)
+    finally:
+        serve.shutdown()
+
+
+def measure(url: str, args: argparse.Namespace, images: list[bytes], params: list[dict]) -> int:
+    warm = asyncio.run(load(url, args.token, images[: args.warmup], params[: args.warmup], 1))
+    if not all(r["ok"] for r in warm):
+        print(f"warm-up failed: {[r['error'] for r in warm]}", file=sys.stderr)
+        return 1
+    start = time.perf_counter()
+    records = asyncio.run(load(url, args.token, images[args.warmup :], params[args.warmup :], args.concurrency))
+    wall = time.perf_counter() - start
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    stats = httpx.get(url + "v1/stats", headers=headers, timeout=30).json()  # one replica's, warm-up included
+    summary = summarize(records, wall, stats) | dict(
+        concurrency=args.concurrency, size=args.size, tasks=args.tasks, steps=args.steps, upscale=args.upscale
+    )
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary | {"records": records}, f, indent=1)
+    return 1 if summary["failures"] else 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The model a replica serves, and how one batch of requests is restored with it."""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from diffbir.pipeline import RestorationPipeline, RestoreOptions, canvas_size
+from serving.config import ServeConfig
+from training import registry
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    pipeline: RestorationPipeline
+    info: dict  # registry.version_info: name, version, alias, uri (the pinned version), run_id, tags
+    loaded_at: float
+
+    @property
+    def version(self) -> str:
+        return self.info["version"] or "local"
+
+    def describe(self) -> dict:
+        return {**self.info, "version": self.version, "loaded_at": self.loaded_at, "parts": self.pipeline.model_info}
+
+
+def load_served_model(cfg: ServeConfig, info: dict) -> ServedModel:
+    """The version `info` pins (registry.version_info of cfg.model_uri), ready to restore."""
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model_dir = registry.resolve(info["uri"], cfg.cache_dir)
+    return ServedModel(RestorationPipeline.from_pretrained(model_dir, device, cfg.dtype), info, time.time())
+
+
+@dataclass(frozen=True)
+class Job:
+    image: np.ndarray  # RGB float32 (H, W, 3) in [0, 1]
+    options: RestoreOptions  # its seed is the image's own
+
+
+def group_key(job: Job) -> tuple:
+    """Jobs restored in one pipeline call: the same options but the seed, and the same canvas,
+    so a result never depends on which requests shared its batch."""
+    return job.options.model_dump_json(exclude={"seed"}), canvas_size(job.image.shape[0], job.image.shape[1], job.options)
+
+
+def restore_jobs(pipeline: RestorationPipeline, jobs: Sequence[Job]) -> list[np.ndarray | Exception]:
+    """One result per job, in order: the restored image, or the exception that failed its group
+    (a failing group leaves the other groups of the batch untouched)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault(group_key(job), []).append(i)
+    results: list[np.ndarray | Exception] = [None] * len(jobs)  # type: ignore[list-item]
+    for members in groups.values():
+        opts = jobs[members[0]].options
+        try:
+            images = pipeline([jobs[i].image for i in members], opts, [jobs[i].options.seed for i in members])
+        except Exception as e:  # noqa: BLE001 -- answered to this group's requests as a 500
+            images = [e] * len(members)
+        for i, image in zip(members, images):
+            results[i] = image
+    return results
+
+
+@dataclass
+class BatchStats:
+    """What one replica has restored: the batch sizes it saw, pipeline calls and time; and how
+    many requests it is restoring now."""
+
+    batch_sizes: Counter = field(default_factory=Counter)
+    pipeline_calls: int = 0
+    seconds: float = 0.0
+    restoring: int = 0
+
+    def record(self, size: int, groups: int, seconds: float) -> None:
+        self.batch_sizes[size] += 1
+        self.pipeline_calls += groups
+        self.seconds += seconds
+
+    def summary(self) -> dict:
+        requests = sum(size * n for size, n in self.batch_sizes.items())
+        batches = sum(self.batch_sizes.values())
+        return dict(
+            requests=requests,
+            batches=batches,
+            pipeline_calls=self.pipeline_calls,
+            mean_batch_size=requests / batches if batches else 0.0,
+            batch_sizes={str(size): n for size, n in sorted(self.batch_sizes.items())},
+            restore_seconds=round(self.seconds, 3),
+            restoring=self.restoring,
+        )

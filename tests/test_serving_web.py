@@ -1,0 +1,128 @@
+"""The web page at / in a real headless Chromium driven by selenium: upload a real photo, pick
+task and guidance, restore, compare and download. Debian's `chromium` and `chromium-driver` are
+installed here with apt-get when missing (CI runs as root)."""
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import subprocess
+
+import cv2
+import httpx
+import pytest
+from PIL import Image
+from ray import serve
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select, WebDriverWait
+from skimage import data
+from test_registry import save_tiny
+from test_serving import DEFAULTS, TOKEN, free_port
+
+from pipelines.ray_env import ensure_ray
+from serving.app import run
+from serving.config import ServeConfig
+
+SIDE = 96  # the photo's side; sr x2 makes it 192
+
+
+def ensure_chromium() -> tuple[str, str]:
+    """Paths of chromium and chromedriver, installing Debian's packages when either is missing."""
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"]
+        if subprocess.run(install, env=env, capture_output=True).returncode != 0:  # stale package lists
+            subprocess.run(["apt-get", "update", "-q"], env=env, check=True, capture_output=True)
+            subprocess.run(install, env=env, check=True, capture_output=True)
+    return shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def page_url(tmp_path_factory, tiny_bundle):
+    """The app on the tiny model as a local platform directory (no registry needed here)."""
+    model_dir = save_tiny(tmp_path_factory.mktemp("web") / "model", tiny_bundle)
+    cfg = ServeConfig(model_uri=str(model_dir), reload_interval_s=0, defaults=DEFAULTS, port=free_port(), auth_token=TOKEN)
+    ensure_ray()
+    url = run(cfg)
+    yield url
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium, chromedriver = ensure_chromium()
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=chromedriver))
+    yield driver
+    driver.quit()
+
+
+def fill(driver, element_id: str, value: str) -> None:
+    field = driver.find_element(By.ID, element_id)
+    field.clear()
+    field.send_keys(value)
+
+
+def finished(driver) -> bool:
+    status = driver.find_element(By.ID, "status").text
+    return status == "done" or status.startswith("failed")
+
+
+def test_restore_a_photo_in_the_browser(page_url, browser, tmp_path):
+    photo = tmp_path / "astronaut.png"
+    small = cv2.resize(data.astronaut(), (SIDE, SIDE), interpolation=cv2.INTER_AREA)
+    cv2.imwrite(str(photo), cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
+    browser.get(page_url)
+    browser.find_element(By.ID, "file").send_keys(str(photo))
+    Select(browser.find_element(By.ID, "task")).select_by_value("sr")
+    Select(browser.find_element(By.ID, "guidance_space")).select_by_value("latent")
+    for field, value in (("upscale", "2"), ("guidance_scale", "0.05"), ("steps", "2"), ("seed", "5"), ("token", TOKEN)):
+        fill(browser, field, value)
+    browser.find_element(By.ID, "restore").click()
+    WebDriverWait(browser, 300, poll_frequency=0.5).until(finished)
+    assert browser.find_element(By.ID, "status").text == "done"
+
+    size = "return [arguments[0].complete, arguments[0].naturalWidth, arguments[0].naturalHeight]"
+    assert browser.execute_script(size, browser.find_element(By.ID, "after")) == [True, 2 * SIDE, 2 * SIDE]
+    assert browser.execute_script(size, browser.find_element(By.ID, "before")) == [True, SIDE, SIDE]
+    meta = browser.find_element(By.ID, "meta").text
+    assert f"{2 * SIDE}×{2 * SIDE}" in meta and "model vlocal" in meta and "seed 5" in meta
+
+    # the download link holds the PNG itself
+    link = browser.find_element(By.ID, "download")
+    assert link.get_attribute("download") == "restored.png" and link.get_attribute("href").startswith("blob:")
+    encoded = browser.execute_async_script(
+        """const done = arguments[arguments.length - 1];
+        fetch(arguments[0]).then(r => r.blob()).then(b => { const f = new FileReader();
+          f.onload = () => done(f.result.split(",")[1]); f.readAsDataURL(b); });""",
+        link.get_attribute("href"),
+    )
+    with Image.open(io.BytesIO(base64.b64decode(encoded))) as result:
+        assert (result.format, result.size) == ("PNG", (2 * SIDE, 2 * SIDE))
+        result.load()  # every pixel decodes
+
+    # the slider uncovers the input from the left
+    browser.execute_script(
+        "const s = document.getElementById('slider'); s.value = 30; s.dispatchEvent(new Event('input'));"
+    )
+    assert browser.find_element(By.ID, "before").value_of_css_property("clip-path") == "inset(0px 70% 0px 0px)"
+
+
+def test_the_page_shows_refusals(page_url, browser, tmp_path):
+    assert httpx.get(page_url).headers["content-type"].startswith("text/html")
+    browser.get(page_url)
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not an image")
+    browser.find_element(By.ID, "file").send_keys(str(not_an_image))
+    fill(browser, "token", TOKEN)
+    browser.find_element(By.ID, "restore").click()
+    WebDriverWait(browser, 60).until(finished)
+    status = browser.find_element(By.ID, "status")
+    assert "failed: 415" in status.text and status.get_attribute("class") == "error"
+    assert not browser.find_element(By.ID, "viewer").is_displayed()
