@@ -196,7 +196,7 @@ class RestorationPipeline:
             hook = RestorationGuidance(
                 cldm, image, opts.guidance_scale, space=opts.guidance_space, weighted=opts.guidance_weighted,
                 repeat=opts.guidance_repeat, t_start=opts.guidance_start, t_stop=opts.guidance_stop,
-                noise=noise,
+                noise=noise, decode_tiles=(latent_tile, latent_tile - latent_stride) if tiled else None,
             )  # fmt: skip
         z = sample(den, x_T, opts.sampler, opts.steps, x0_hook=hook, noise=noise)
         decoded = tiled_vae_decode(cldm, z, latent_tile, latent_tile - latent_stride) if tiled else cldm.vae_decode(z)

@@ -104,3 +104,24 @@ def _stop_ray_at_session_end():
 
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         sys.modules["ray"].shutdown()
+
+
+def kill_when_a_shard_is_done(proc, shard_dir: Path, timeout: float) -> None:
+    """SIGKILL the download running in `proc` (a driver joined to this test's Ray) as soon as
+    `shard_dir` holds a finished shard, then wait until the killed driver's tasks are gone."""
+    import time
+
+    import ray
+
+    try:
+        deadline = time.monotonic() + timeout
+        while not list(shard_dir.glob("*_stats.json")):
+            assert proc.poll() is None, "the run ended before a download shard was finished"
+            assert time.monotonic() < deadline, "no download shard finished in time"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+        time.sleep(0.2)

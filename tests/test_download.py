@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import tarfile
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 import ray
 import webdataset as wds
 
+from conftest import kill_when_a_shard_is_done
 from pipelines.download import DownloadConfig, download, failure_reason
 from pipelines.ray_env import ensure_ray
 from pipelines.sample import embedded_sample
@@ -122,15 +122,7 @@ def test_killed_download_resumes_to_the_same_shards(prefiltered, downloaded, tmp
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 180
-        while not list(out.glob("*_stats.json")):
-            assert proc.poll() is None, "the download ended before a shard was finished"
-            assert time.monotonic() < deadline, "no shard finished in time"
-            time.sleep(0.05)
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_when_a_shard_is_done(proc, out, timeout=180)
     finished = {p.name[:5] for p in out.glob("*_stats.json")}
     assert len(finished) < len(SHARDS)  # the slow last shard cannot have finished
     for tar in out.glob("*.tar"):  # whatever is in place is a complete tar
@@ -138,9 +130,6 @@ def test_killed_download_resumes_to_the_same_shards(prefiltered, downloaded, tmp
             t.getmembers()
     # What a crash between moving the tar and the stats would leave: must be redone, not read.
     (out / f"{min(set(SHARDS) - finished)}.tar").write_bytes(b"half a tar")
-    deadline = time.monotonic() + 60  # until the killed job's tasks are gone
-    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
-        time.sleep(0.2)
 
     resumed = download(prefiltered, out, DownloadConfig(**CONFIG))
     assert [s.resumed for s in resumed.shards] == [f"{s.shard:05d}" in finished for s in resumed.shards]

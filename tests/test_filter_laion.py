@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import ray
 import webdataset as wds
 import yaml
 
+from conftest import kill_when_a_shard_is_done
 from pipelines.filter_laion import FilterLaionConfig, main, run
 from pipelines.sample import load_manifest
 
@@ -110,19 +110,8 @@ def test_killed_pipeline_reruns_to_the_same_shards_and_counts(result, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # joins this test's Ray
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.filter_laion", "--config", str(config), "--output", str(out)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not list((out / "_work" / "download").glob("*_stats.json")):  # a finished download shard
-            assert proc.poll() is None, "the pipeline ended before the download was under way"
-            assert time.monotonic() < deadline, "no download shard finished in time"
-            time.sleep(0.05)
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_when_a_shard_is_done(proc, out / "_work" / "download", timeout=300)
     assert not (out / "shards").exists() and not (out / "stats.json").exists()  # killed mid-way
-    deadline = time.monotonic() + 60  # until the killed driver's tasks are gone
-    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
-        time.sleep(0.2)
 
     rerun = run(FilterLaionConfig(output=str(out), **CONFIG))
     assert shard_contents(out) == shard_contents(done)

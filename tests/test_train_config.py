@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from diffbir.config import load_config
-from training.config import build_parser, parse_config
+from diffbir.config import build_parser, load_config, parse_config
 from training.launch import deepspeed_config
 from training.loop import lr_factor
 from training.train_gm import GMConfig

@@ -12,7 +12,6 @@ from typing import Literal
 
 from pydantic import Field
 
-from diffbir.config import build_parser, parse_config  # noqa: F401 (the scripts import them from here)
 from pipelines.feed import FeedConfig, Location
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from diffbir.config import parse_config
 from pipelines.feed import index_samples
 from pipelines.ray_env import ensure_ray
 from training import registry
@@ -94,6 +95,14 @@ def train(cfg: TrainConfig, task: str, callbacks: list | None = None):
         client.set_tag(run_id, "registered_version", f"{cfg.register_as}/{version}")
     client.set_terminated(run_id, "FINISHED")
     return result
+
+
+def run_from_command_line(config_cls: type[TrainConfig], task: str, argv: list[str] | None, description: str) -> None:
+    """`python training/train_*.py [--config FILE] [--field value ...]`: train and say where it ended."""
+    cfg = parse_config(config_cls, argv, description)
+    result = train(cfg, task)
+    print(f"finished {cfg.name} at step {result.metrics.get('step')}: {result.metrics}")
+    print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")
 
 
 def mlflow_run(cfg: TrainConfig, ds_config: dict) -> str:

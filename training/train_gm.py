@@ -45,7 +45,7 @@ from diffbir.models.unet import IRControlNet, UNetConfig
 from diffbir.sampling.denoiser import Denoiser, cfg_model, gaussian_noise, initial_latent
 from diffbir.sampling.samplers import SAMPLERS, sample
 from diffbir.sampling.schedules import NoiseSchedule
-from training.config import Location, TrainConfig, parse_config
+from training.config import Location, TrainConfig
 from training.loop import autocast
 from training.train_rm import image_metrics
 
@@ -143,12 +143,9 @@ class GMTask:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from training.launch import train
+    from training.launch import run_from_command_line  # the driver's imports: not needed by the workers
 
-    cfg = parse_config(GMConfig, argv, description=__doc__.split("\n")[0])
-    result = train(cfg, "training.train_gm:GMTask")
-    print(f"finished {cfg.name} at step {result.metrics.get('step')}: {result.metrics}")
-    print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")
+    run_from_command_line(GMConfig, "training.train_gm:GMTask", argv, __doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

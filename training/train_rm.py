@@ -29,7 +29,7 @@ from torch import nn
 from diffbir.checkpoints.loading import load_model
 from diffbir.config import DiffusionConfig
 from diffbir.models.swinir import SwinIR, SwinIRConfig
-from training.config import Location, TrainConfig, parse_config
+from training.config import Location, TrainConfig
 from training.loop import autocast
 
 
@@ -84,12 +84,9 @@ def image_metrics(pred01: torch.Tensor, target01: torch.Tensor) -> dict[str, flo
 
 
 def main(argv: list[str] | None = None) -> None:
-    from training.launch import train
+    from training.launch import run_from_command_line  # the driver's imports: not needed by the workers
 
-    cfg = parse_config(RMConfig, argv, description=__doc__.split("\n")[0])
-    result = train(cfg, "training.train_rm:RMTask")
-    print(f"finished {cfg.name} at step {result.metrics.get('step')}: {result.metrics}")
-    print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")
+    run_from_command_line(RMConfig, "training.train_rm:RMTask", argv, __doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

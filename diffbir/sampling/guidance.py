@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from diffbir.sampling.denoiser import NoiseFn, Step, gaussian_noise
+from diffbir.sampling.tiling import tiled_vae_decode, tiled_vae_decode_vjp
 
 REFERENCE_SCALE = 3000.0  # the reference multiplies the user's scale by this
 _GRAY = (0.2989, 0.5870, 0.1140)
@@ -61,7 +62,9 @@ class GuidanceUpdate:
 class RestorationGuidance:
     """x0 hook pulling the sample towards `target` (the stage-1 restoration in [-1, 1], the size of
     the decoded latent). `scale` is the user's scale; `noise` draws the latent-space target's
-    posterior samples."""
+    posterior samples. `decode_tiles` = (latent tile size, overlap): in pixel space, decode and
+    carry the gradient back tile by tile (tiled_vae_decode and its exact vector-Jacobian
+    product), so memory stays that of one tile; the cost is one more decoder forward per tile."""
 
     def __init__(
         self,
@@ -75,10 +78,11 @@ class RestorationGuidance:
         t_start: float = 1001,
         t_stop: float = -1,
         noise: NoiseFn | None = None,
+        decode_tiles: tuple[int, int] | None = None,
     ):
         if space not in ("rgb", "latent"):
             raise ValueError(f"guidance space must be 'rgb' or 'latent', got {space!r}")
-        self.cldm, self.space, self.repeat = cldm, space, repeat
+        self.cldm, self.space, self.repeat, self.decode_tiles = cldm, space, repeat, decode_tiles
         self.scale = REFERENCE_SCALE * scale
         self.t_start, self.t_stop = t_start, t_stop
         self.target = target
@@ -104,6 +108,8 @@ class RestorationGuidance:
         """One guidance repetition with x0 coefficient `coef`."""
         target = self._target()
         rgb = self.space == "rgb"
+        if rgb and self.decode_tiles:
+            return self._tiled_update(x0, target, coef)
         with torch.enable_grad():
             x0 = x0.detach().requires_grad_(rgb)
             pred = self.cldm.vae_decode(x0) if rgb else x0
@@ -113,6 +119,17 @@ class RestorationGuidance:
             delta = torch.autograd.grad(pred, x0, g)[0] if rgb else g
         self.losses.append(loss.item())
         return GuidanceUpdate(x0.detach() + delta / coef, self.losses[-1], g, delta, pred.detach(), target)
+
+    def _tiled_update(self, x0: torch.Tensor, target: torch.Tensor, coef: float) -> GuidanceUpdate:
+        with torch.no_grad():
+            pred = tiled_vae_decode(self.cldm, x0, *self.decode_tiles)
+        with torch.enable_grad():
+            leaf = pred.requires_grad_(True)
+            loss = guidance_loss(leaf, target, self.weight)
+            g = -self.scale * torch.autograd.grad(loss, leaf)[0]
+        delta = tiled_vae_decode_vjp(self.cldm, x0, g, *self.decode_tiles)
+        self.losses.append(loss.item())
+        return GuidanceUpdate(x0 + delta / coef, self.losses[-1], g, delta, pred.detach(), target)
 
     def __call__(self, x0: torch.Tensor, step: Step) -> torch.Tensor:
         if not self.t_stop < step.t + 1 < self.t_start:

@@ -207,3 +207,28 @@ def tiled_vae_decode(
 ) -> torch.Tensor:
     """scaled latent -> image in [-1, 1] (not clamped); tile_size and overlap in latent pixels."""
     return tiled_apply(cldm.vae_decode, z, tile_size, overlap, 8, tile_batch=tile_batch)
+
+
+def tiled_vae_decode_vjp(
+    cldm: ControlLDM, z: torch.Tensor, grad_image: torch.Tensor, tile_size: int = 64, overlap: int = 16
+) -> torch.Tensor:
+    """The gradient of a loss on tiled_vae_decode(cldm, z, tile_size, overlap) with respect to z,
+    given its gradient `grad_image` with respect to the decoded image: the image is a weighted sum
+    of the tiles' decodes, so each tile's decoder takes its own share of `grad_image` (its blend
+    weights) in one vector-Jacobian product. Memory: one tile's decoder activations at a time."""
+    n, _, h, w = z.shape
+    stride = tile_size - overlap
+    ys, xs = tile_starts(h, tile_size, stride), tile_starts(w, tile_size, stride)
+    th, tw = min(tile_size, h), min(tile_size, w)
+    profile = feather_profile  # as tiled_apply blends the decodes
+    wy = _axis_weights(h * 8, th * 8, [y * 8 for y in ys], profile(th * 8, overlap * 8))
+    wx = _axis_weights(w * 8, tw * 8, [x * 8 for x in xs], profile(tw * 8, overlap * 8))
+    out = torch.zeros_like(z)
+    for i, y in enumerate(ys):
+        for j, x in enumerate(xs):
+            tile = z[..., y : y + th, x : x + tw].detach().requires_grad_(True)
+            with torch.enable_grad():
+                decoded = cldm.vae_decode(tile)
+            share = grad_image[..., y * 8 : (y + th) * 8, x * 8 : (x + tw) * 8] * (wy[i][:, None] * wx[j]).to(decoded)
+            out[..., y : y + th, x : x + tw] += torch.autograd.grad(decoded, tile, share)[0]
+    return out
