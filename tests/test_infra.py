@@ -144,14 +144,15 @@ def _model_fields_classes(tree: ast.Module) -> set[str]:
 
 def flags_of(path: Path) -> set[str]:
     """The flags a script accepts: its literal add_argument flags, and `--config` plus one flag per
-    field (and `--no-` forms) of the config class it hands to parse_config/build_parser — directly,
-    or inside the helper module it imports them from."""
+    field (and `--no-` forms) of the config class it hands to parse_config/build_parser (or the
+    training scripts' run_from_command_line) — directly, or inside the helper module it imports
+    them from."""
     tree = parse(path)
     flags = _literal_flags(tree)
     classes: list[tuple[Path, str]] = []
     for node in ast.walk(tree):
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-                and node.func.id in ("parse_config", "build_parser")):
+                and node.func.id in ("parse_config", "build_parser", "run_from_command_line")):
             continue
         if node.args and isinstance(node.args[0], ast.Name) and find_class(path, node.args[0].id):
             classes.append((path, node.args[0].id))
