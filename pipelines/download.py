@@ -189,7 +189,10 @@ def _shard_stats(fs: fsspec.AbstractFileSystem, folder: str, shard: int, resumed
 @ray.remote
 def _download_shard(
     shard: int, pieces: list[tuple[str, int, int]], input_fs, output_dir: str, config: DownloadConfig
-) -> ShardStats:
+) -> str:
+    """Download one shard into a fresh directory under `_tmp` and return its path; the driver
+    commits it (`_commit_shard`), so that a task orphaned by a killed driver can never finish a
+    shard behind a rerun's back."""
     fs, out = fsspec.core.url_to_fs(output_dir)
     name = f"{shard:0{OOM_SHARD_COUNT}d}"
     tmp = f"{out}/_tmp/{name}-{uuid.uuid4().hex}"  # one directory per attempt: a retry never meets a half-written one
@@ -219,10 +222,17 @@ def _download_shard(
             disallowed_header_directives=["noai", "noimageai", "noindex", "noimageindex"],  # img2dataset's default
         )
         downloader.download_shard(job)  # raises on a shard-level error, so that Ray retries
-        for suffix in (".tar", ".parquet", _DONE):  # the stats last: they mark the shard finished
-            fs.mv(f"{tmp}/{name}{suffix}", f"{out}/{name}{suffix}")
-    finally:
+    except BaseException:
         fs.rm(tmp, recursive=True)
+        raise
+    return tmp
+
+
+def _commit_shard(fs: fsspec.AbstractFileSystem, out: str, shard: int, tmp: str) -> ShardStats:
+    name = f"{shard:0{OOM_SHARD_COUNT}d}"
+    for suffix in (".tar", ".parquet", _DONE):  # the stats last: they mark the shard finished
+        fs.mv(f"{tmp}/{name}{suffix}", f"{out}/{name}{suffix}")
+    fs.rm(tmp, recursive=True)
     return _shard_stats(fs, out, shard)
 
 
@@ -280,7 +290,7 @@ def download(
             (ref,), _ = ray.wait(list(pending), num_returns=1)
             i = pending.pop(ref)
             try:
-                stats[i] = ray.get(ref)
+                stats[i] = _commit_shard(fs, out, i, ray.get(ref))
             except ray.exceptions.RayError as err:
                 failed[i] = err
             bar.update()

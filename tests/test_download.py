@@ -17,7 +17,8 @@ import ray
 import webdataset as wds
 
 from conftest import kill_when_a_shard_is_done
-from pipelines.download import DownloadConfig, download, failure_reason
+from pipelines.download import DownloadConfig, _download_shard, download, failure_reason, plan_shards
+from pipelines.prefilter import parquet_files
 from pipelines.ray_env import ensure_ray
 from pipelines.sample import embedded_sample
 
@@ -138,3 +139,20 @@ def test_killed_download_resumes_to_the_same_shards(prefiltered, downloaded, tmp
     assert _contents(out) == _contents(Path(downloaded.output_dir))
     with pytest.raises(ValueError, match="another input or shard size"):
         download(prefiltered, out, DownloadConfig(**{**CONFIG, "shard_size": 4}))
+
+
+def test_a_download_task_finishes_no_shard_by_itself(prefiltered, downloaded, tmp_path):
+    """Only the driver commits a shard: a task whose driver was killed (Ray lets it run on for a
+    while) must not finish a shard under a rerun, with whatever its dying run fed it."""
+    ensure_ray()
+    fs, paths = parquet_files(prefiltered)
+    pieces = plan_shards(fs, paths, CONFIG["shard_size"])[0]
+    out = tmp_path / "orphan"
+    out.mkdir()
+    tmp = ray.get(_download_shard.remote(0, pieces, fs, str(out), DownloadConfig(**CONFIG)))
+    assert [p.name for p in out.iterdir()] == ["_tmp"] and Path(tmp).parent == out / "_tmp"
+    assert {"00000.parquet", "00000.tar", "00000_stats.json"} <= {p.name for p in Path(tmp).iterdir()}
+
+    resumed = download(prefiltered, out, DownloadConfig(**CONFIG))  # the rerun redoes shard 0, drops the orphan's
+    assert not any(s.resumed for s in resumed.shards) and not (out / "_tmp").exists()
+    assert _contents(out) == _contents(Path(downloaded.output_dir))

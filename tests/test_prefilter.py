@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -66,3 +67,29 @@ def test_wrong_types_error_or_are_coerced_and_counted(tmp_path):
     # an unscored row (e) escapes only the aesthetic check; a missing required value does not (c)
     assert flagged["_reject"].tolist() == ["", "invalid_WIDTH", "invalid_pwatermark", "min_side", "", "aesthetic"]
     assert flagged["WIDTH"].dtype == "float64"  # coerced for the output
+
+
+def test_url_dedup_spans_files_and_buckets_and_keeps_the_best_row(tmp_path, monkeypatch):
+    """Duplicates spread over 3 files and 12 buckets: the output is exactly the reference choice
+    (highest similarity, then smallest TEXT, whatever the input order), in the same order on a rerun."""
+    monkeypatch.setattr("pipelines.prefilter.PARTITION_BYTES", 20_000)  # 3 partitions × 4 buckets
+    rng = np.random.default_rng(0)
+    n = 3000
+    df = pd.DataFrame({
+        "URL": [f"https://example.com/{u}.jpg" for u in rng.integers(0, 1200, n)],  # ~1200 URLs, most repeated
+        "TEXT": [f"caption {t}" for t in rng.integers(0, 5, n)], "WIDTH": 800, "HEIGHT": 600,
+        "similarity": rng.integers(0, 3, n) / 10, "pwatermark": 0.1, "punsafe": 0.1,
+    })
+    (tmp_path / "meta").mkdir()
+    for i in range(3):
+        part = df.iloc[i * n // 3:(i + 1) * n // 3]
+        pq.write_table(pa.Table.from_pandas(part, preserve_index=False), tmp_path / "meta" / f"{i}.parquet")
+    ensure_ray()
+    first = prefilter(tmp_path / "meta", tmp_path / "a")
+    kept = pq.read_table(first.files).to_pandas()
+
+    best = df.sort_values(["URL", "similarity", "TEXT"], ascending=[True, False, True]).drop_duplicates("URL")
+    assert first.kept == len(best) and first.rejected == {"duplicate_url": n - len(best)}
+    assert kept.sort_values("URL").to_dict("records") == best.to_dict("records")
+    again = pq.read_table(prefilter(tmp_path / "meta", tmp_path / "b").files).to_pandas()
+    assert again["URL"].tolist() == kept["URL"].tolist()
