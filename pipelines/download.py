@@ -239,10 +239,19 @@ def _commit_shard(fs: fsspec.AbstractFileSystem, out: str, shard: int, tmp: str)
 _SHARD_FILE = re.compile(r"(\d+)(\.tar|\.parquet|_stats\.json)")
 
 
+def _remove_attempts(fs: fsspec.AbstractFileSystem, out: str) -> None:
+    """Delete `_tmp`, best effort: a task of a killed run may still be writing there (Ray stops
+    a dead driver's tasks asynchronously); what it leaves is never read and goes next run."""
+    try:
+        if fs.exists(f"{out}/_tmp"):
+            fs.rm(f"{out}/_tmp", recursive=True)
+    except OSError as err:
+        log.warning("could not clear %s/_tmp (%s); the next run will", out, err)
+
+
 def _finished_shards(fs: fsspec.AbstractFileSystem, out: str) -> set[int]:
     """The shards with stats; deletes what unfinished runs left behind."""
-    if fs.exists(f"{out}/_tmp"):
-        fs.rm(f"{out}/_tmp", recursive=True)
+    _remove_attempts(fs, out)
     files = {path: _SHARD_FILE.fullmatch(path.rsplit("/", 1)[-1]) for path in fs.ls(out, detail=False)}
     done = {int(m[1]) for m in files.values() if m and m[2] == _DONE}
     for path, m in files.items():
@@ -294,8 +303,7 @@ def download(
             except ray.exceptions.RayError as err:
                 failed[i] = err
             bar.update()
-    if fs.exists(f"{out}/_tmp"):  # what is left there is empty, or from attempts that died
-        fs.rm(f"{out}/_tmp", recursive=True)
+    _remove_attempts(fs, out)  # what is left there is from attempts that died
     if failed:
         raise RuntimeError(f"{len(failed)} shard(s) failed after {config.shard_retries} retries (rerun to resume): "
                            + "; ".join(f"{i}: {err}" for i, err in sorted(failed.items())))

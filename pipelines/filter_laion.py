@@ -29,7 +29,7 @@ from pipelines.quality import SCORE_NAMES, QualityConfig, score_quality, split_q
 from pipelines.ray_env import ensure_ray
 from pipelines.sample import embedded_sample
 from pipelines.shards import ShardConfig, write_shards
-from pipelines.stats import StageStats, write_report
+from pipelines.stats import StageStats, summarize_scored, write_report
 
 log = logging.getLogger("filter_laion")
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "filter_laion.yaml"
@@ -53,6 +53,9 @@ class FilterLaionConfig(BaseModel):
     quality: QualityConfig = Field(default_factory=QualityConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     shards: ShardConfig = Field(default_factory=ShardConfig)
+    report_score_rows: int = Field(
+        1_000_000, ge=1000, description="score distributions and histograms in the report use a uniform "
+        "sample of at most this many assessed samples (bounds the driver's memory; counts are never sampled)")
 
 
 def run(cfg: FilterLaionConfig) -> dict:
@@ -94,8 +97,8 @@ def run(cfg: FilterLaionConfig) -> dict:
 
         written = write_shards(unique, f"{out}/shards", cfg.shards)
         stages.append(StageStats("shards", written.n_in, written.n_out, written.rejected))
-        scores = scored.select_columns([*SCORE_NAMES, "reasons"]).to_pandas()  # not captions/metadata
-        files = write_report(out, stages, scores, cfg.quality.thresholds())
+        scores, failed = summarize_scored(scored, SCORE_NAMES, cfg.report_score_rows)
+        files = write_report(out, stages, scores, cfg.quality.thresholds(), failed, n_scored)
     report = json.loads(Path(files["json"]).read_text()) if "://" not in files["json"] else {"files": files}
     log.info("wrote %d shards to %s/shards; index %s; report %s", len(written.shards), out, written.index, files["summary"])
     return report

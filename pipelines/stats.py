@@ -2,13 +2,14 @@
 
 `write_report` writes `stats.json` (machine-readable), `stats.md` (for people) and
 `score_histograms.png` (each score's histogram with its thresholds marked) to a local directory
-or fsspec URL. With the quality stage, distributions are best taken over every assessed sample:
+or fsspec URL. With the quality stage, distributions are taken over the assessed samples (kept
+and rejected), or a uniform sample of them at scale; failed-check counts are exact:
 
     scored = score_quality(tars, config).materialize()
     kept, rejected = split_quality(scored)
-    scores = scored.select_columns([*SCORE_NAMES, "reasons"]).to_pandas()
+    scores, failed = summarize_scored(scored, SCORE_NAMES, max_rows=1_000_000)
     write_report(out, [StageStats("quality", scored.count(), kept.count(), rejected), ...],
-                 scores, config.thresholds())
+                 scores, config.thresholds(), failed, scored.count())
 """
 from __future__ import annotations
 
@@ -17,11 +18,14 @@ import json
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import fsspec
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    import ray.data
 
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 Thresholds = Mapping[str, Sequence[tuple[str, float]]]  # score → [("min"|"max", value)], as QualityConfig.thresholds()
@@ -54,10 +58,28 @@ def score_distributions(scores: pd.DataFrame) -> dict[str, dict[str, Any]]:
             for name, v in _numeric(scores).items()}
 
 
+def count_failed_checks(rows: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """Every failed check (rows' `reasons` lists), most frequent first: a sample can fail several."""
+    return dict(Counter(r for row in rows for r in row["reasons"]).most_common())
+
+
+def summarize_scored(scored: ray.data.Dataset, columns: Sequence[str], max_rows: int,
+                     seed: int = 0) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The quality stage's scored rows (materialised) → (`columns` of a uniform sample of about
+    `max_rows` rows, or of all rows if there are no more; `count_failed_checks` over all rows,
+    streamed), so that the driver never holds every row."""
+    failed = count_failed_checks(scored.select_columns(["reasons"]).iter_rows())
+    n, sample = scored.count(), scored.select_columns(list(columns))
+    if n > max_rows:
+        sample = sample.random_sample(max_rows / n, seed=seed)
+    return sample.to_pandas(), failed
+
+
 def build_report(stages: Sequence[StageStats], scores: pd.DataFrame | None = None,
-                 thresholds: Thresholds | None = None) -> dict[str, Any]:
-    """`scores`: one row per assessed sample (e.g. the quality stage's score columns, kept and
-    rejected); a `reasons` column (lists) adds counts of every failed check, not only the primary.
+                 thresholds: Thresholds | None = None, failed_checks: Mapping[str, int] | None = None,
+                 scores_of: int | None = None) -> dict[str, Any]:
+    """`scores`: score columns of the assessed samples (kept and rejected), all of them or a
+    uniform sample of `scores_of`; `failed_checks`: `count_failed_checks` over all of them.
     `consistent` is true when each stage's rejections account for its losses and each stage
     starts with what the previous one kept."""
     rows = [asdict(s) | {"unaccounted": s.n_in - s.n_out - sum(s.rejected.values())} for s in stages]
@@ -68,12 +90,11 @@ def build_report(stages: Sequence[StageStats], scores: pd.DataFrame | None = Non
         "consistent": chained and all(r["unaccounted"] == 0 for r in rows),
         "thresholds": {k: [list(t) for t in v] for k, v in (thresholds or {}).items()},
         "scores": {},
-        "failed_checks": {},
+        "failed_checks": dict(failed_checks or {}),
     }
     if scores is not None:
         report["scores"] = score_distributions(scores)
-        if "reasons" in scores:
-            report["failed_checks"] = dict(Counter(r for reasons in scores["reasons"] for r in reasons).most_common())
+        report["scores_sampled"] = {"rows": len(scores), "of": scores_of if scores_of is not None else len(scores)}
     return report
 
 
@@ -95,8 +116,11 @@ def summary_markdown(report: Mapping[str, Any]) -> str:
         lines += ["", "Every failed check (a sample can fail several): "
                   + ", ".join(f"{k} {v}" for k, v in report["failed_checks"].items()) + "."]
     if report["scores"]:
-        lines += ["", "## Score distributions", "", "| score | n | p1 | p5 | median | p95 | p99 | thresholds |",
-                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+        sampled = report["scores_sampled"]
+        over = f"a uniform sample of {sampled['rows']} of the {sampled['of']} assessed samples" \
+            if sampled["rows"] < sampled["of"] else "every assessed sample"
+        lines += ["", "## Score distributions", "", f"Over {over}.", "",
+                  "| score | n | p1 | p5 | median | p95 | p99 | thresholds |", "|---|---:|---:|---:|---:|---:|---:|---|"]
         for name, d in report["scores"].items():
             q = d["quantiles"]
             limits = ", ".join(f"{b} {v:g}" for b, v in report["thresholds"].get(name, []))
@@ -135,9 +159,11 @@ def plot_histograms(scores: pd.DataFrame, thresholds: Thresholds | None = None) 
 
 
 def write_report(output: str, stages: Sequence[StageStats], scores: pd.DataFrame | None = None,
-                 thresholds: Thresholds | None = None) -> dict[str, str]:
-    """Write stats.json, stats.md and (with scores) score_histograms.png; returns their URLs."""
-    report = build_report(stages, scores, thresholds)
+                 thresholds: Thresholds | None = None, failed_checks: Mapping[str, int] | None = None,
+                 scores_of: int | None = None) -> dict[str, str]:
+    """Write stats.json, stats.md and (with scores) score_histograms.png; returns their URLs.
+    The arguments are `build_report`'s."""
+    report = build_report(stages, scores, thresholds, failed_checks, scores_of)
     files = {"json": ("stats.json", json.dumps(report, indent=2).encode()),
              "summary": ("stats.md", summary_markdown(report).encode())}
     if scores is not None:

@@ -11,13 +11,15 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import ray
 import webdataset as wds
 from PIL import Image
 from skimage import data
 
 from pipelines import shards as sh
 from pipelines.quality import SCORE_NAMES, QualityConfig, iter_tar_samples, score_rows
-from pipelines.stats import StageStats, build_report, write_report
+from pipelines.ray_env import ensure_ray
+from pipelines.stats import StageStats, build_report, count_failed_checks, summarize_scored, write_report
 
 
 def encode(img: np.ndarray, fmt: str = "PNG", **kwargs) -> bytes:
@@ -127,25 +129,43 @@ def test_stats_report_counts_add_up(download, tmp_path):
     for r in rows:
         if r["reason"]:
             rejected[r["reason"]] = rejected.get(r["reason"], 0) + 1
-    scores = pd.DataFrame(rows)[[*SCORE_NAMES, "reasons"]]
+    scores = pd.DataFrame(rows)[list(SCORE_NAMES)]
     thresholds = QualityConfig().thresholds()
     stages = [StageStats("download", 7, 6, {"http_error": 1}),
               StageStats("quality", len(rows), len(download["kept"]), rejected),
               StageStats("dedup", 5, 5), StageStats("shards", 5, 5)]
-    paths = write_report(str(tmp_path / "stats"), stages, scores, thresholds)
+    failed = count_failed_checks(rows)
+    assert sum(failed.values()) >= sum(rejected.values()) and list(failed.values()) == sorted(failed.values())[::-1]
+    paths = write_report(str(tmp_path / "stats"), stages, scores.iloc[:4], thresholds, failed, scores_of=len(rows))
 
     report = json.loads(open(paths["json"]).read())
     assert report["consistent"] and report["total"] == {"in": 7, "out": 5}
     quality = report["stages"][1]
     assert quality["n_in"] - quality["n_out"] == sum(quality["rejected"].values()) == 1
-    assert report["scores"]["sharpness"]["count"] == 6 and "learned_iqa" not in report["scores"]
+    assert report["scores"]["sharpness"]["count"] == 4 and "learned_iqa" not in report["scores"]
+    assert report["scores_sampled"] == {"rows": 4, "of": 6} and report["failed_checks"] == failed
     q = report["scores"]["noise_sigma"]["quantiles"]
     assert q["0.0"] <= q["0.5"] <= q["1.0"]
     assert report["thresholds"]["short_side"] == [["min", 512]] and report["failed_checks"]
     summary = open(paths["summary"]).read()
     assert "| quality | 6 | 5 | 1 |" in summary and "Counts consistent: yes" in summary
+    assert "a uniform sample of 4 of the 6 assessed samples" in summary
     png = open(paths["histograms"], "rb").read()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and Image.open(io.BytesIO(png)).size[0] > 800
 
     broken = build_report([StageStats("quality", 10, 7, {"blurry": 2}), StageStats("dedup", 6, 6)])
     assert not broken["consistent"] and broken["stages"][0]["unaccounted"] == 1
+
+
+def test_report_scores_are_sampled_but_failed_checks_are_exact():
+    ensure_ray()
+    rng = np.random.default_rng(0)
+    rows = [{"sharpness": float(x), "reasons": ["blurry"] * int(x < 0.2) + ["noisy"] * int(x > 0.9), "caption": "c"}
+            for x in rng.random(20_000)]
+    scored = ray.data.from_items(rows).materialize()
+    scores, failed = summarize_scored(scored, ["sharpness"], max_rows=2000)
+    assert failed == count_failed_checks(rows) and failed["blurry"] > failed["noisy"] > 1900
+    assert list(scores.columns) == ["sharpness"] and 1700 < len(scores) < 2300
+    assert abs(scores["sharpness"].median() - 0.5) < 0.05  # uniform: the sample's median is the population's
+    everything, _ = summarize_scored(scored, ["sharpness"], max_rows=20_000)
+    assert len(everything) == 20_000
