@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -96,7 +97,7 @@ class Demo:
         for port in (cfg.ray_port, cfg.dashboard_port, cfg.mlflow_port, cfg.serve_port):
             check_port_free(port)
         if work.exists():
-            subprocess.run(["rm", "-rf", str(work)], check=True)
+            shutil.rmtree(work)
         work.mkdir(parents=True)
         start = time.perf_counter()
         with ExitStack() as stack:

@@ -3,9 +3,10 @@
     python -m serving.archive --input photos.tar.gz --output restored.tar.gz [--config FILE] [--steps 20 ...]
     make restore-archive IN=photos.zip OUT=restored.zip ARGS='--batch-size 8 --concurrency 4 --gpus-per-actor 1'
 
-Input: a tar, tar.gz (.tgz), zip or folder, local or an fsspec URL. Output: the same kind (tar ->
-tar, tar.gz -> tar.gz, zip -> zip, folder -> folder) holding the restored images under their
-member paths, in their own format (PNG stays PNG, JPEG stays JPEG...; 16-bit, gray and alpha kept).
+Input: a tar, tar.gz (.tgz), tar.bz2 (.tbz2), tar.xz (.txz), zip or folder, local or an fsspec
+URL. Output: the same kind (tar -> tar, tar.gz -> tar.gz, zip -> zip, folder -> folder, ...)
+holding the restored images under their member paths, in their own format (PNG stays PNG, JPEG
+stays JPEG...; 16-bit, gray and alpha kept).
 Only .png .jpg .jpeg .webp .tif .tiff members are restored: the formats that can be written back.
 Beside the output, named after its stem (the output without its archive suffix):
 
@@ -17,8 +18,8 @@ Beside the output, named after its stem (the output without its archive suffix):
     <stem>.parts/                                  the work directory; removed when the run ends
 
 How: the driver lists the members (one pass over the archive; the names and declared sizes
-decide what is refused), Ray Data reads the accepted ones lazily in read tasks (a tar.gz in one
-streaming task, the rest in parallel) and restores them in an actor pool of
+decide what is refused), Ray Data reads the accepted ones lazily in read tasks (a compressed tar in
+one streaming task, the rest in parallel) and restores them in an actor pool of
 RestorationPipelines; the driver stores each result in <stem>.parts/ as it arrives and, once all
 are there, writes the output archive, the manifest and the contact sheet atomically.
 
@@ -84,8 +85,11 @@ from pipelines.shards import atomic_write
 from training import registry
 
 
-ARCHIVE_SUFFIXES = {".tar.gz": "tar.gz", ".tgz": "tar.gz", ".tar": "tar", ".zip": "zip"}  # longest first
-TAR_READ_MODES = {"tar": "r|", "tar.gz": "r|gz"}  # stream mode: one pass, nothing kept
+ARCHIVE_SUFFIXES = {  # longest first
+    ".tar.gz": "tar.gz", ".tgz": "tar.gz", ".tar.bz2": "tar.bz2", ".tbz2": "tar.bz2", ".tar.xz": "tar.xz",
+    ".txz": "tar.xz", ".tar": "tar", ".zip": "zip",
+}
+TAR_COMPRESSION = {"tar": "", "tar.gz": "gz", "tar.bz2": "bz2", "tar.xz": "xz"}  # tarfile's stream modes r|… and w|…
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")  # what encode_image writes back
 READ_CPUS = 0.25  # fractional: read tasks must not wait behind whole-CPU actors on small machines
 THUMB_HEIGHT = 160
@@ -95,7 +99,7 @@ class ArchiveConfig(RestoreOptions):
     """Restoration options (RestoreOptions; `seed` is the base of the per-file seeds) plus what to
     read, what to write, how to run and what to refuse."""
 
-    input: str = Field(description="tar, tar.gz, zip or folder: a local path or an fsspec URL")
+    input: str = Field(description="tar, tar.gz, tar.bz2, tar.xz, zip or folder: a local path or an fsspec URL")
     output: str = Field(description="the same kind as the input (a folder for a folder)")
     model: str = Field("models:/diffbir@champion", description=f"{registry.URI_FORMS}")
     tracking_dir: str = Field(registry.DEFAULT_DIR, description="local MLflow store (MLFLOW_TRACKING_URI wins)")
@@ -185,7 +189,7 @@ class Member:
 def list_members(url: str, kind: str, cfg: ArchiveConfig) -> list[Member]:
     """Every entry but directories, in archive order, each screened against the limits."""
     fs, root = fsspec.core.url_to_fs(url)
-    listers = {"folder": _list_folder, "zip": _list_zip, "tar": _list_tar, "tar.gz": _list_tar}
+    listers = {"folder": _list_folder, "zip": _list_zip} | dict.fromkeys(TAR_COMPRESSION, _list_tar)
     try:
         return _screen(listers[kind](fs, root, kind, cfg), cfg)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
@@ -226,7 +230,7 @@ def _zip_mtime(info: zipfile.ZipInfo) -> float:
 
 def _list_tar(fs, root: str, kind: str, cfg: ArchiveConfig) -> Iterator[Member]:
     declared = 0
-    with fs.open(root, "rb") as f, tarfile.open(fileobj=f, mode=TAR_READ_MODES[kind]) as tar:
+    with fs.open(root, "rb") as f, tarfile.open(fileobj=f, mode=f"r|{TAR_COMPRESSION[kind]}") as tar:
         for ordinal, info in enumerate(_tar_entries(tar)):
             _check_count(ordinal + 1, cfg)
             if info.isdir():
@@ -310,7 +314,7 @@ def read_members(url: str, kind: str, members: list[Member]) -> Iterator[tuple[M
 def _read_tar(f: BinaryIO, kind: str, members: list[Member], ordinal: int):
     """Stream a tar from the current position, where entry `ordinal` starts."""
     wanted = {m.ordinal: m for m in members}
-    with tarfile.open(fileobj=f, mode=TAR_READ_MODES[kind]) as tar:
+    with tarfile.open(fileobj=f, mode=f"r|{TAR_COMPRESSION[kind]}") as tar:  # a stream: one pass, nothing kept
         for i, info in enumerate(_tar_entries(tar)):
             m = wanted.pop(ordinal + i, None)
             if m is not None:
@@ -360,7 +364,7 @@ class MemberSource(Datasource):
         return sum(m.size for m in self.members)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
-        n = 1 if self.kind == "tar.gz" else max(1, min(parallelism, len(self.members)))
+        n = 1 if TAR_COMPRESSION.get(self.kind) else max(1, min(parallelism, len(self.members)))
         step = -(-len(self.members) // n)
         tasks = []
         for lo in range(0, len(self.members), step):
@@ -531,7 +535,7 @@ def write_output(fs, path: str, kind: str, restored: list[tuple[Member, str]], p
                     info.external_attr = 0o644 << 16
                     zf.writestr(info, parts.fs.cat_file(part))
         else:
-            with tarfile.open(fileobj=f, mode="w|gz" if kind == "tar.gz" else "w|") as tar:
+            with tarfile.open(fileobj=f, mode=f"w|{TAR_COMPRESSION[kind]}") as tar:
                 for m, part in restored:
                     info = tarfile.TarInfo(m.path)
                     info.size, info.mtime, info.mode = parts.fs.size(part), m.mtime, 0o644

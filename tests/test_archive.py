@@ -149,18 +149,28 @@ def test_zip_bombs_are_refused_from_declared_sizes(tmp_path):
         list_members(str(path), "zip", cfg.model_copy(update=dict(max_members=3)))
 
 
-def test_a_tar_is_not_read_past_the_total_limit(tmp_path):
-    path = tmp_path / "big.tar.gz"
-    with tarfile.open(path, "w:gz") as tar:
+@pytest.mark.parametrize("suffix, kind", [(".tar.gz", "tar.gz"), (".tbz2", "tar.bz2"), (".tar.xz", "tar.xz")])
+def test_a_compressed_tar_is_not_read_past_the_total_limit_and_written_back(tmp_path, suffix, kind):
+    path = tmp_path / f"big{suffix}"
+    with tarfile.open(path, f"w:{kind.split('.')[1]}") as tar:
         for i in range(3):
             add_tar(tar, f"{i}.png", b"\0" * 600_000)
     url = path.as_uri()  # inputs are fsspec URLs
-    cfg = ArchiveConfig(input=url, output="o.tar.gz", max_total_bytes=1_000_000)
-    members = list_members(url, "tar.gz", cfg)
+    assert archive.archive_kind(url, is_dir=False) == kind
+    cfg = ArchiveConfig(input=url, output=f"o{suffix}", max_total_bytes=1_000_000)
+    members = list_members(url, kind, cfg)
     assert [(m.name, m.reason is None) for m in members] == [("0.png", True), ("1.png", False)]  # 2.png never read
     assert members[1].reason.startswith("the archive declares more than max_total_bytes")
-    ((member, payload, reason, _),) = read_members(url, "tar.gz", members[:1])
+    ((member, payload, reason, _),) = read_members(url, kind, members[:1])
     assert (member.name, payload, reason) == ("0.png", b"\0" * 600_000, None)
+
+    parts = archive.Parts(str(tmp_path / "o.parts"))
+    parts.fs.makedirs(parts.root)
+    parts.fs.pipe_file(f"{parts.root}/restored-0", b"restored bytes")
+    out = tmp_path / f"o{suffix}"
+    archive.write_output(parts.fs, str(out), kind, [(member, f"{parts.root}/restored-0")], parts)
+    with tarfile.open(out, f"r:{kind.split('.')[1]}") as tar:  # really compressed the same way
+        assert [(m.name, tar.extractfile(m).read()) for m in tar] == [("0.png", b"restored bytes")]
 
 
 def test_an_uncompressed_tar_is_read_from_any_member(tmp_path):

@@ -179,7 +179,7 @@ def test_yaml_configs_and_flags(monkeypatch):
 def test_serve_deploy_config_builds_the_app(monkeypatch):
     """serving/configs/serve_deploy.yaml is a valid Serve config whose args build the application."""
     monkeypatch.chdir(ROOT)
-    schema = ServeDeploySchema.parse_obj(yaml.safe_load((ROOT / "serving/configs/serve_deploy.yaml").read_text()))
+    schema = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serving/configs/serve_deploy.yaml").read_text()))
     (app,) = schema.applications
     assert app.import_path == "serving.app:build_app"
     assert isinstance(build_app(app.args), serve.Application)
