@@ -1,5 +1,7 @@
 """Seconds per sampling step of full-size SD 2.1 + IRControlNet at 512x512 (latent 64x64), with
-and without restoration guidance, in fp32 and bf16; plus VAE encode/decode and peak memory.
+and without restoration guidance, in fp32 and bf16; plus VAE encode, decode, decode forward +
+backward (the floor of an RGB-guidance repeat) and peak memory. Per-image set-up (the latent
+guidance target's encode) is timed apart from the steps.
 
 Random weights (diffusers' default initialisation) at the real sizes: speed does not depend on
 the values. Each configuration runs in a fresh process (peak RSS / CUDA peak per configuration).
@@ -43,7 +45,13 @@ def hwm_gb():
     line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
     return int(line.split()[1]) * 1024 / 1e9
 
-times = []
+def decode_fwd_bwd(z):
+    # what RGB guidance needs once per repeat at least: the decoder forward with grad, then backward
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(True)
+        cldm.vae_decode(z).float().square().mean().backward()
+
+times, setups = [], []
 with torch.no_grad():
     c_img = cldm.vae_encode(image)
     for r in range(repeats + 1):  # the first run warms up
@@ -51,21 +59,23 @@ with torch.no_grad():
         if variant == "vae":
             cldm.vae_encode(image); sync(); enc = time.perf_counter() - t
             t = time.perf_counter(); cldm.vae_decode(c_img); sync(); dec = time.perf_counter() - t
-            if r: times.append((enc, dec))
+            t = time.perf_counter(); decode_fwd_bwd(c_img); sync(); fb = time.perf_counter() - t
+            if r: times.append((enc, dec, fb))
             continue
         den = Denoiser(cfg_model(cldm, c_img, ctx), DiffusionConfig())
         hook = None
-        if variant != "unguided":
+        if variant != "unguided":  # once per image, not per step (latent space: encodes the target)
             hook = RestorationGuidance(cldm, image, 0.01, space=variant.split("_")[1])
+        sync(); setup = time.perf_counter() - t; t = time.perf_counter()
         sample(den, torch.randn_like(c_img), "ddpm", steps, x0_hook=hook)
         sync()
-        if r: times.append((time.perf_counter() - t) / steps)
+        if r: times.append((time.perf_counter() - t) / steps); setups.append(setup)
 out = {"variant": variant, "dtype": dtype_name, "peak_gb": hwm_gb()}
 if variant == "vae":
-    out["encode_s"] = statistics.median(e for e, _ in times)
-    out["decode_s"] = statistics.median(d for _, d in times)
+    for i, key in enumerate(("encode_s", "decode_s", "decode_fwd_bwd_s")):
+        out[key] = statistics.median(x[i] for x in times)
 else:
-    out["step_s"] = statistics.median(times)
+    out["step_s"], out["setup_s"] = statistics.median(times), statistics.median(setups)
 print(json.dumps(out))
 """
 
@@ -79,15 +89,15 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--size", type=int, default=512)
     args = ap.parse_args()
-    print(f"| variant | dtype | s/step (median of {args.repeats}) | VAE enc / dec s | peak GB |")
-    print("|---|---|---|---|---|")
+    print(f"| variant | dtype | s/step (median of {args.repeats}) | once per image s | VAE enc / dec / dec fwd+bwd s | peak GB |")
+    print("|---|---|---|---|---|---|")
     for dtype in args.dtypes:
         for variant in args.variants:
             cmd = [sys.executable, "-c", CHILD, variant, dtype, str(args.steps), str(args.repeats), args.device, str(args.size)]
             res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-            step = f"{res['step_s']:.2f}" if "step_s" in res else "–"
-            vae = f"{res['encode_s']:.2f} / {res['decode_s']:.2f}" if "encode_s" in res else "–"
-            print(f"| {variant} | {dtype} | {step} | {vae} | {res['peak_gb']:.2f} |", flush=True)
+            step, setup = (f"{res['step_s']:.2f}", f"{res['setup_s']:.2f}") if "step_s" in res else ("–", "–")
+            vae = " / ".join(f"{res[k]:.2f}" for k in ("encode_s", "decode_s", "decode_fwd_bwd_s")) if "encode_s" in res else "–"
+            print(f"| {variant} | {dtype} | {step} | {setup} | {vae} | {res['peak_gb']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,10 @@ def test_convert_roundtrip_gives_identical_outputs(golden, tiny_configs, tiny_bu
     with torch.no_grad():
         a = tiny_bundle.cldm(fx[f"{case}x_t"], fx[f"{case}t"], fx["c_txt"], fx["c_img"])
         b = converted.cldm(fx[f"{case}x_t"], fx[f"{case}t"], fx["c_txt"], fx["c_img"])
-    assert torch.equal(a, b)
+    # The weights are bit-identical (above); the outputs agree to float32 rounding only: both
+    # models use their files' tensors in place (mmap, assign=True) and CPU kernels round
+    # differently at different weight alignments (~1e-6 seen on AMD EPYC).
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     # an existing output is not replaced without --overwrite; a half-written one never appears
     assert cli_main(["convert", *map(str, files), "-o", str(out), "--num-head-channels", heads]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
