@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast bench clean demo promote filter-laion example-data train-rm train-gm restore-archive serve
+.PHONY: setup lint test test-fast bench clean demo promote filter-laion example-data tiny-models train-rm train-gm restore-archive serve refresh-golden
 
 # CONFIG and ARGS pass a config file and extra flags to the targets below.
 
@@ -23,7 +23,11 @@ $(STAMP): requirements/constraints.txt requirements/lock.txt requirements/base.t
 	$(PIP) install -q -c requirements/constraints.txt --no-deps -e .
 	touch $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q
 
 # The whole loop on this machine: filter the sample, train, register, promote, serve, restore
@@ -45,13 +49,21 @@ filter-laion: $(STAMP)
 # interpreter (on a cluster whose image has the project installed: JOB_PYTHON=python). The job
 # gets this shell's MLFLOW_TRACKING_URI (jobs otherwise see the cluster's environment).
 EXAMPLE    := runs/data/example
-SHARED_W   := $(abspath ../shared/reference/golden/shared/weights)
+TINY       := runs/tiny
 JOB_PYTHON ?= $(abspath $(PY))
 JOB_ENV     = $(if $(MLFLOW_TRACKING_URI),--runtime-env-json '{"env_vars": {"MLFLOW_TRACKING_URI": "$(MLFLOW_TRACKING_URI)"}}')
 RUN_JOB     = $(if $(RAY_ADDRESS),RAY_AUTH_MODE=token $(VENV)/bin/ray job submit --address $(RAY_ADDRESS) --working-dir . $(JOB_ENV) -- $(JOB_PYTHON),$(PY))
 TINY_PATHS  = --data $(CURDIR)/$(EXAMPLE)/train --val-data $(CURDIR)/$(EXAMPLE)/val --storage $(CURDIR)/runs/train --mlflow-dir $(CURDIR)/runs/mlflow
 
 example-data: $(EXAMPLE)/.done
+
+# The tiny SD 2.1, IRControlNet and SwinIR files (official layouts, key-based initialisation)
+# that the tiny configs, the demo and the README's examples use.
+tiny-models: $(TINY)/.done
+
+$(TINY)/.done: | $(STAMP)
+	$(VENV)/bin/diffbir init-tiny --output $(TINY)
+	touch $@
 
 $(EXAMPLE)/.done: | $(STAMP)
 	$(PY) -m pipelines.feed $(EXAMPLE)
@@ -65,10 +77,10 @@ train-rm: $(STAMP) $(if $(CONFIG),,$(EXAMPLE)/.done)
 
 RM_MODEL   ?= $(CURDIR)/runs/train/rm-tiny/model
 
-train-gm: $(STAMP) $(if $(CONFIG),,$(EXAMPLE)/.done)
+train-gm: $(STAMP) $(if $(CONFIG),,$(EXAMPLE)/.done $(TINY)/.done)
 	$(if $(CONFIG),,test -f $(RM_MODEL)/model.json || $(MAKE) train-rm)
 	$(RUN_JOB) training/train_gm.py --config $(or $(CONFIG),training/configs/gm_tiny.yaml) \
-	  $(if $(CONFIG),,$(TINY_PATHS) --base-weights $(SHARED_W)/sd21_tiny.safetensors --stage1-weights $(RM_MODEL)) $(ARGS)
+	  $(if $(CONFIG),,$(TINY_PATHS) --base-weights $(CURDIR)/$(TINY)/sd21_tiny.safetensors --stage1-weights $(RM_MODEL)) $(ARGS)
 
 promote: $(STAMP)
 	$(PY) training/promote.py --config $(or $(CONFIG),training/configs/promote.yaml) $(ARGS)
@@ -90,6 +102,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/tiled_memory.py --weights tiny --sizes 4096x3072 --steps 2
 	$(PY) benchmarks/degradations.py
 	$(PY) benchmarks/quality_filter.py
+
+# Copy new reference fixtures from the team's shared reference folder into tests/golden/
+# (tests/golden/refresh.py says what and how; the tests only read the copy).
+refresh-golden: $(STAMP)
+	$(PY) tests/golden/refresh.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

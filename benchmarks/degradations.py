@@ -8,6 +8,7 @@ own seed; one warm-up pass, then the median of --repeats timed passes over the s
 seeds, by the process's CPU time (steady on a shared machine) and by the wall clock. Prints a
 markdown table, one row per model; writes nothing.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -9,6 +9,7 @@ figure is the resident cost of a ready model, not of lazily mapped pages.
 
 --platform also converts them to the platform format (safetensors) and measures loading that.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-GOLDEN = Path(os.environ.get("DIFFBIR_GOLDEN", ROOT.parent / "shared" / "reference" / "golden" / "shared"))
+GOLDEN = Path(os.environ.get("DIFFBIR_GOLDEN", ROOT / "tests" / "golden" / "shared"))
 
 # Peak RSS from VmHWM: unlike getrusage's ru_maxrss it is not inherited across fork+exec from
 # the (large) parent that generated the files.
@@ -66,7 +67,9 @@ def write_official(workdir: Path) -> list[Path]:
 def measure(paths: list[Path], repeats: int) -> dict:
     runs = []
     for _ in range(repeats):
-        out = subprocess.run([sys.executable, "-c", CHILD, *map(str, paths)], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, *map(str, paths)], capture_output=True, text=True, check=True
+        )
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     med["ratio"] = med["peak_rss_gb"] / med["weights_gb"]

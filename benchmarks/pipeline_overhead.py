@@ -12,6 +12,7 @@ medians; a quiet machine is needed for meaningful figures.
 
     .venv/bin/python benchmarks/pipeline_overhead.py --rows 256 --repeats 3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.quality_filter import cpu_model, photos  # noqa: E402
-from pipelines.sample import SCHEMA, SampleServer  # noqa: E402
+from benchmarks.quality_filter import cpu_model, photos
+from pipelines.sample import SCHEMA, SampleServer
 
 SHARD_SIZE = 64
 
@@ -60,8 +61,19 @@ def write_metadata(root: Path, base_url: str, images: list[bytes]) -> Path:
         (root / "www" / f"{i:06d}.jpg").write_bytes(data)
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
-        rows.append(dict(URL=f"{base_url}/img/{i:06d}.jpg", TEXT=f"photo {i}", WIDTH=w, HEIGHT=h, similarity=0.3,
-                         hash=i, punsafe=0.01, pwatermark=0.01, AESTHETIC_SCORE=6.0))
+        rows.append(
+            dict(
+                URL=f"{base_url}/img/{i:06d}.jpg",
+                TEXT=f"photo {i}",
+                WIDTH=w,
+                HEIGHT=h,
+                similarity=0.3,
+                hash=i,
+                punsafe=0.01,
+                pwatermark=0.01,
+                AESTHETIC_SCORE=6.0,
+            )
+        )
     path = root / "metadata.parquet"
     pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path)
     return path
@@ -70,9 +82,21 @@ def write_metadata(root: Path, base_url: str, images: list[bytes]) -> Path:
 def run_plain(metadata: Path, out: Path) -> None:
     from img2dataset import download
 
-    download(url_list=str(metadata), input_format="parquet", url_col="URL", caption_col="TEXT", output_format="webdataset",
-             output_folder=str(out), processes_count=os.cpu_count(), thread_count=16, resize_mode="no",
-             number_sample_per_shard=SHARD_SIZE, distributor="multiprocessing", timeout=10, retries=0)
+    download(
+        url_list=str(metadata),
+        input_format="parquet",
+        url_col="URL",
+        caption_col="TEXT",
+        output_format="webdataset",
+        output_folder=str(out),
+        processes_count=os.cpu_count(),
+        thread_count=16,
+        resize_mode="no",
+        number_sample_per_shard=SHARD_SIZE,
+        distributor="multiprocessing",
+        timeout=10,
+        retries=0,
+    )
 
 
 def run_download(metadata: Path, out: Path) -> None:
@@ -84,7 +108,11 @@ def run_download(metadata: Path, out: Path) -> None:
 def run_pipeline(metadata: Path, out: Path) -> None:
     from pipelines.filter_laion import FilterLaionConfig, run
 
-    run(FilterLaionConfig(metadata=[str(metadata)], output=str(out), download={"shard_size": SHARD_SIZE, "thread_count": 16}))
+    run(
+        FilterLaionConfig(
+            metadata=[str(metadata)], output=str(out), download={"shard_size": SHARD_SIZE, "thread_count": 16}
+        )
+    )
 
 
 def main() -> None:
@@ -115,7 +143,9 @@ def main() -> None:
     print("| run | median s | images/s | vs plain img2dataset |\n|---|---|---|---|")
     for name, ts in times.items():
         m = statistics.median(ts)
-        print(f"| {name} | {m:.1f} | {args.rows / m:.1f} | {m / base:.2f}x |  (all: {', '.join(f'{t:.1f}' for t in ts)})")
+        print(
+            f"| {name} | {m:.1f} | {args.rows / m:.1f} | {m / base:.2f}x |  (all: {', '.join(f'{t:.1f}' for t in ts)})"
+        )
 
 
 if __name__ == "__main__":

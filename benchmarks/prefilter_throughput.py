@@ -9,6 +9,7 @@ vCPU. A quiet machine is needed for meaningful figures.
 
     .venv/bin/python benchmarks/prefilter_throughput.py --rows 1000000 --repeats 3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,26 +27,37 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.quality_filter import cpu_model  # noqa: E402
-from pipelines.prefilter import PrefilterConfig, prefilter  # noqa: E402
-from pipelines.ray_env import ensure_ray  # noqa: E402
+from benchmarks.quality_filter import cpu_model
+from pipelines.prefilter import PrefilterConfig, prefilter
+from pipelines.ray_env import ensure_ray
 
 ROWS_PER_FILE = 1_000_000
 
 
 def synthetic_metadata(n: int, duplicate_fraction: float, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    urls = np.array([f"https://img{h}.example-cdn.com/wp-content/uploads/2019/05/photo-{i:09d}-{t:x}.jpg"
-                     for i, (h, t) in enumerate(zip(rng.integers(0, 10**6, n), rng.integers(0, 10**9, n)))])
+    urls = np.array(
+        [
+            f"https://img{h}.example-cdn.com/wp-content/uploads/2019/05/photo-{i:09d}-{t:x}.jpg"
+            for i, (h, t) in enumerate(zip(rng.integers(0, 10**6, n), rng.integers(0, 10**9, n)))
+        ]
+    )
     repeats = rng.random(n) < duplicate_fraction
     urls[repeats] = urls[rng.integers(0, n, repeats.sum())]
-    return pd.DataFrame({
-        "SAMPLE_ID": np.arange(n), "URL": urls,
-        "TEXT": ["a photo of a " + "word " * int(w) for w in rng.integers(1, 13, n)],
-        "WIDTH": rng.integers(100, 2000, n), "HEIGHT": rng.integers(100, 2000, n), "similarity": rng.random(n),
-        "hash": rng.integers(-2**63, 2**63 - 1, n), "pwatermark": rng.random(n), "punsafe": rng.random(n),
-        "AESTHETIC_SCORE": rng.normal(5, 1, n),
-    })
+    return pd.DataFrame(
+        {
+            "SAMPLE_ID": np.arange(n),
+            "URL": urls,
+            "TEXT": ["a photo of a " + "word " * int(w) for w in rng.integers(1, 13, n)],
+            "WIDTH": rng.integers(100, 2000, n),
+            "HEIGHT": rng.integers(100, 2000, n),
+            "similarity": rng.random(n),
+            "hash": rng.integers(-(2**63), 2**63 - 1, n),
+            "pwatermark": rng.random(n),
+            "punsafe": rng.random(n),
+            "AESTHETIC_SCORE": rng.normal(5, 1, n),
+        }
+    )
 
 
 def main() -> None:
@@ -60,8 +72,11 @@ def main() -> None:
         (root / "meta").mkdir()
         df = synthetic_metadata(args.rows, args.duplicate_fraction)
         for i, start in enumerate(range(0, args.rows, ROWS_PER_FILE)):
-            pq.write_table(pa.Table.from_pandas(df.iloc[start:start + ROWS_PER_FILE], preserve_index=False),
-                           root / "meta" / f"part-{i:05d}.parquet", compression="snappy")
+            pq.write_table(
+                pa.Table.from_pandas(df.iloc[start : start + ROWS_PER_FILE], preserve_index=False),
+                root / "meta" / f"part-{i:05d}.parquet",
+                compression="snappy",
+            )
         del df
         ensure_ray()
         walls, result = [], None

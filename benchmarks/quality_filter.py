@@ -7,6 +7,7 @@ also written to webdataset tars and run through `filter_quality` on a local Ray 
 
     .venv/bin/python benchmarks/quality_filter.py --images 40 --repeats 5 [--ray]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,15 +27,24 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.quality import assess  # noqa: E402
+from pipelines.quality import assess
 
 
 def photos() -> list[np.ndarray]:
     from skimage import data
     from sklearn.datasets import load_sample_image
 
-    return [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.stereo_motorcycle()[0],
-            data.hubble_deep_field(), data.retina(), load_sample_image("china.jpg"), load_sample_image("flower.jpg")]
+    return [
+        data.astronaut(),
+        data.chelsea(),
+        data.coffee(),
+        data.rocket(),
+        data.stereo_motorcycle()[0],
+        data.hubble_deep_field(),
+        data.retina(),
+        load_sample_image("china.jpg"),
+        load_sample_image("flower.jpg"),
+    ]
 
 
 def one_megapixel_jpegs(n: int) -> list[bytes]:
@@ -85,8 +95,13 @@ def bench_ray(images: list[bytes], repeats: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         for shard in range(4):
             with open(f"{tmp}/{shard:05d}.tar", "wb") as f:
-                write_tar(f, [(f"{shard:05d}{i:04d}", {"jpg": img, "txt": b"", "json": json.dumps({}).encode()})
-                              for i, img in enumerate(images[shard::4])])
+                write_tar(
+                    f,
+                    [
+                        (f"{shard:05d}{i:04d}", {"jpg": img, "txt": b"", "json": json.dumps({}).encode()})
+                        for i, img in enumerate(images[shard::4])
+                    ],
+                )
         filter_quality(tmp)  # warm-up: actor start-up
         times = []
         for _ in range(repeats):
@@ -108,15 +123,23 @@ def main() -> None:
     wall, cpu_time, passed = bench_assess(images, args.repeats)
     cpu, cores = cpu_model(), os.cpu_count()
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"load average at end: {os.getloadavg()[0]:.1f} on {cores} cores; {passed}/{len(images)} images pass the defaults")
+    print(
+        f"load average at end: {os.getloadavg()[0]:.1f} on {cores} cores; "
+        f"{passed}/{len(images)} images pass the defaults"
+    )
     print("| benchmark | images | size | median CPU ms/image | median wall ms/image | images/s per core | CPU |")
     print("|---|---:|---|---:|---:|---:|---|")
-    print(f"| quality assess (1 thread) | {len(images)} | ~1 MP JPEG q=90 | {cpu_time * 1e3:.1f} | {wall * 1e3:.1f} "
-          f"| {1 / cpu_time:.1f} | {cpu} |")
+    print(
+        f"| quality assess (1 thread) | {len(images)} | ~1 MP JPEG q=90 | {cpu_time * 1e3:.1f} | {wall * 1e3:.1f} "
+        f"| {1 / cpu_time:.1f} | {cpu} |"
+    )
     if args.ray:
         per_image_ray = bench_ray(images, args.repeats)
-        print(f"| filter_quality on Ray ({cores} cores) | {len(images)} | ~1 MP JPEG q=90 | – | {per_image_ray * 1e3:.1f} "
-              f"| {1 / per_image_ray / cores:.1f} (wall) | {cpu} |")
+        print(
+            f"| filter_quality on Ray ({cores} cores) | {len(images)} | ~1 MP JPEG q=90 | – "
+            f"| {per_image_ray * 1e3:.1f} "
+            f"| {1 / per_image_ray / cores:.1f} (wall) | {cpu} |"
+        )
 
 
 if __name__ == "__main__":

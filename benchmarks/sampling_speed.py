@@ -8,6 +8,7 @@ the values. Each configuration runs in a fresh process (peak RSS / CUDA peak per
 
     python benchmarks/sampling_speed.py [--dtypes fp32 bf16] [--steps 2] [--repeats 3] [--device cpu]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,8 @@ steps, repeats, size = int(steps), int(repeats), int(size)
 dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
 torch.manual_seed(0)
 ucfg = UNetConfig()
-cldm = ControlLDM(build_unet(ucfg), IRControlNet.from_unet_config(ucfg), build_vae(VAEConfig())).to(device, dtype).eval()
+cldm = ControlLDM(build_unet(ucfg), IRControlNet.from_unet_config(ucfg), build_vae(VAEConfig()))
+cldm = cldm.to(device, dtype).eval()
 cldm.requires_grad_(False)
 image = torch.rand(1, 3, size, size, device=device, dtype=dtype) * 2 - 1
 ctx = torch.randn(1, 77, ucfg.context_dim, device=device, dtype=dtype)
@@ -89,14 +91,33 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--size", type=int, default=512)
     args = ap.parse_args()
-    print(f"| variant | dtype | s/step (median of {args.repeats}) | once per image s | VAE enc / dec / dec fwd+bwd s | peak GB |")
+    print(
+        f"| variant | dtype | s/step (median of {args.repeats}) | once per image s "
+        "| VAE enc / dec / dec fwd+bwd s | peak GB |"
+    )
     print("|---|---|---|---|---|---|")
     for dtype in args.dtypes:
         for variant in args.variants:
-            cmd = [sys.executable, "-c", CHILD, variant, dtype, str(args.steps), str(args.repeats), args.device, str(args.size)]
-            res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+            cmd = [
+                sys.executable,
+                "-c",
+                CHILD,
+                variant,
+                dtype,
+                str(args.steps),
+                str(args.repeats),
+                args.device,
+                str(args.size),
+            ]
+            res = json.loads(
+                subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            )
             step, setup = (f"{res['step_s']:.2f}", f"{res['setup_s']:.2f}") if "step_s" in res else ("–", "–")
-            vae = " / ".join(f"{res[k]:.2f}" for k in ("encode_s", "decode_s", "decode_fwd_bwd_s")) if "encode_s" in res else "–"
+            vae = (
+                " / ".join(f"{res[k]:.2f}" for k in ("encode_s", "decode_s", "decode_fwd_bwd_s"))
+                if "encode_s" in res
+                else "–"
+            )
             print(f"| {variant} | {dtype} | {step} | {setup} | {vae} | {res['peak_gb']:.2f} |", flush=True)
 
 

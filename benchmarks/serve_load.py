@@ -8,13 +8,13 @@ server formed (each response's X-Batch-Size, and the replicas' GET /v1/stats).
 With --model (a model URI or platform directory) the app is started in this process from
 --config (serving/configs/serve.yaml) on a free port. Exit status 1 when any request failed.
 """
+
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -58,8 +58,13 @@ async def load(url: str, token: str | None, images: list[bytes], params: list[di
             try:
                 r = await http.post("v1/restore", params=params[i], content=images[i], headers=headers)
                 ok = r.status_code == 200
-                records[i] = dict(status=r.status_code, ok=ok, error=None if ok else r.text[:200],
-                                  batch_size=int(r.headers.get("X-Batch-Size", 0)), version=r.headers.get("X-Model-Version"))  # fmt: skip
+                records[i] = dict(
+                    status=r.status_code,
+                    ok=ok,
+                    error=None if ok else r.text[:200],
+                    batch_size=int(r.headers.get("X-Batch-Size", 0)),
+                    version=r.headers.get("X-Model-Version"),
+                )
             except httpx.HTTPError as e:
                 records[i] = dict(status=None, ok=False, error=repr(e), batch_size=0, version=None)
             records[i]["seconds"] = time.perf_counter() - start
@@ -83,7 +88,9 @@ def summarize(records: list[dict], wall: float, stats: dict | None) -> dict:
         errors=[r["error"] for r in records if not r["ok"]][:5],
         wall_s=round(wall, 2),
         requests_per_s=round(len(records) / wall, 3),
-        latency_s={q: round(percentile(seconds, p), 3) for q, p in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
+        latency_s={
+            q: round(percentile(seconds, p), 3) for q, p in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))
+        },
         mean_latency_s=round(statistics.fmean(seconds), 3) if seconds else None,
         # requests by the size of the batch they were in; batches = sum(count / size)
         requests_by_batch_size={str(k): v for k, v in sorted(sizes.items())},
@@ -123,14 +130,17 @@ def main(argv: list[str] | None = None) -> int:
         return measure(args.url.rstrip("/") + "/", args, images, params)
     from ray import serve  # the app runs here: Ray and Serve only then
 
-    from pipelines.ray_env import ensure_ray
+    from pipelines.ray_env import ensure_ray, free_port
     from serving.app import run
 
     cfg = load_config(ServeConfig, args.config, model_uri=args.model, port=free_port(), auth_token=args.token)
     ensure_ray()
     url = run(cfg)
-    print(f"started {args.model} at {url}: max_batch_size {cfg.max_batch_size}, "
-          f"batch_wait_timeout_s {cfg.batch_wait_timeout_s}, replicas {cfg.num_replicas}", flush=True)  # fmt: skip
+    print(
+        f"started {args.model} at {url}: max_batch_size {cfg.max_batch_size}, "
+        f"batch_wait_timeout_s {cfg.batch_wait_timeout_s}, replicas {cfg.num_replicas}",
+        flush=True,
+    )
     try:
         return measure(url, args, images, params)
     finally:
@@ -155,12 +165,6 @@ def measure(url: str, args: argparse.Namespace, images: list[bytes], params: lis
         with open(args.json, "w") as f:
             json.dump(summary | {"records": records}, f, indent=1)
     return 1 if summary["failures"] else 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ stage 1, tiled VAE encode, tiled denoiser, tiled decode, colour fix), one fresh 
     python benchmarks/tiled_memory.py --weights tiny --sizes 4096x3072 --steps 2
 
 --weights full: SD 2.1 + IRControlNet + DiffBIR SwinIR at the real sizes, random weights.
---weights tiny: the golden set's tiny reference weights (DIFFBIR_GOLDEN).
+--weights tiny: the tiny official-layout files of `diffbir init-tiny` (made in runs/tiny when missing).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,15 +30,21 @@ def hwm_gb():
     return int(line.split()[1]) * 1024 / 1e9
 
 if weights == "tiny":
-    golden = Path(os.environ.get("DIFFBIR_GOLDEN", "../shared/reference/golden/shared")) / "weights"
-    bundle = load_model([golden / n for n in ("sd21_tiny.safetensors", "ircontrolnet_tiny.safetensors", "swinir_tiny.safetensors")], num_head_channels=16)
+    from diffbir.checkpoints.tiny import write_keyed_files
+
+    bundle = load_model(write_keyed_files("runs/tiny"), num_head_channels=16)
 else:
     from diffbir.models.swinir import SwinIR, SwinIRConfig
     from diffbir.models.unet import IRControlNet, UNetConfig, build_unet
     from diffbir.models.vae import VAEConfig, build_vae
     torch.manual_seed(0)
     u = UNetConfig()
-    mods = {"unet": build_unet(u), "controlnet": IRControlNet.from_unet_config(u), "vae": build_vae(VAEConfig()), "swinir": SwinIR(SwinIRConfig())}
+    mods = {
+        "unet": build_unet(u),
+        "controlnet": IRControlNet.from_unet_config(u),
+        "vae": build_vae(VAEConfig()),
+        "swinir": SwinIR(SwinIRConfig()),
+    }
     bundle = ModelBundle({k: LoadedPart(m.eval().requires_grad_(False), {}, "random") for k, m in mods.items()})
 pipe = RestorationPipeline(bundle)
 loaded = hwm_gb()
@@ -62,8 +69,19 @@ def main() -> None:
     print("| weights | image | steps | tile / stride | peak RSS GB | after loading GB | seconds |")
     print("|---|---|---|---|---|---|---|")
     for size in args.sizes:
-        cmd = [sys.executable, "-c", CHILD, args.weights, size, str(args.steps), str(args.tile_size), str(args.tile_stride)]
-        res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        cmd = [
+            sys.executable,
+            "-c",
+            CHILD,
+            args.weights,
+            size,
+            str(args.steps),
+            str(args.tile_size),
+            str(args.tile_stride),
+        ]
+        res = json.loads(
+            subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        )
         print(
             f"| {args.weights} | {res['size']} | {args.steps} | {args.tile_size} / {args.tile_stride} | "
             f"{res['peak_gb']:.2f} | {res['after_load_gb']:.2f} | {res['seconds']:.0f} |",

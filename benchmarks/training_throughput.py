@@ -9,6 +9,7 @@ written to the workdir) and reads the per-window metrics the runs log to MLflow,
 first `warmup` steps (Ray Data task start, first allocations). Prints one markdown row per
 model and the command.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,20 +30,37 @@ from training.train_rm import RMConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
-RUNS = (("RM", RMConfig, "rm_tiny.yaml", "training.train_rm:RMTask"), ("GM", GMConfig, "gm_tiny.yaml", "training.train_gm:GMTask"))
+RUNS = (
+    ("RM", RMConfig, "rm_tiny.yaml", "training.train_rm:RMTask"),
+    ("GM", GMConfig, "gm_tiny.yaml", "training.train_gm:GMTask"),
+)
 
 
 def measure(name, cls, yaml, task, workdir: Path, steps: int, warmup: int) -> dict:
     cfg = load_config(
-        cls, ROOT / "training/configs" / yaml, name=f"bench-{name.lower()}", data=str(workdir / "data/train"),
-        val_data=str(workdir / "data/val"), storage=str(workdir / "runs"), mlflow_dir=str(workdir / "mlflow"),
-        steps=steps, log_every=10, checkpoint_every=steps, val_every=steps, image_every=steps, register_as="",
+        cls,
+        ROOT / "training/configs" / yaml,
+        name=f"bench-{name.lower()}",
+        data=str(workdir / "data/train"),
+        val_data=str(workdir / "data/val"),
+        storage=str(workdir / "runs"),
+        mlflow_dir=str(workdir / "mlflow"),
+        steps=steps,
+        log_every=10,
+        checkpoint_every=steps,
+        val_every=steps,
+        image_every=steps,
+        register_as="",
     )
     train(cfg, task)
     client = MlflowClient()
-    (run,) = client.search_runs([registry.experiment_id(cfg.experiment)], f"tags.`{RUN_TAG}` = '{cfg.storage}/{cfg.name}'")
-    history = {key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key) if m.step > warmup}
-               for key in ("train/samples_per_s", "train/data_wait_frac", "train/peak_memory_mb")}
+    (run,) = client.search_runs(
+        [registry.experiment_id(cfg.experiment)], f"tags.`{RUN_TAG}` = '{cfg.storage}/{cfg.name}'"
+    )
+    history = {
+        key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key) if m.step > warmup}
+        for key in ("train/samples_per_s", "train/data_wait_frac", "train/peak_memory_mb")
+    }
     return {
         "samples_per_s": statistics.median(history["train/samples_per_s"].values()),
         "data_wait_frac": statistics.median(history["train/data_wait_frac"].values()),
@@ -63,12 +81,18 @@ def main() -> None:
         write_example_shards(str(workdir / "data/train"))
         write_example_shards(str(workdir / "data/val"), VAL_PHOTOS)
         rows = [(name, measure(name, *spec, workdir, args.steps, args.warmup)) for name, *spec in RUNS]
-    print(f"\nCommand: `.venv/bin/python benchmarks/training_throughput.py --steps {args.steps} --warmup {args.warmup}` "
-          f"({platform.machine()}, {os.cpu_count()} CPUs, 1 Ray Train worker; medians of the 10-step windows after step {args.warmup})\n")
+    print(
+        f"\nCommand: `.venv/bin/python benchmarks/training_throughput.py --steps {args.steps} --warmup {args.warmup}` "
+        f"({platform.machine()}, {os.cpu_count()} CPUs, 1 Ray Train worker; "
+        f"medians of the 10-step windows after step {args.warmup})\n"
+    )
     print("| model | batch | crop | samples/s | data-wait fraction | peak RSS (worker) |")
     print("|---|---|---|---|---|---|")
     for name, r in rows:
-        print(f"| tiny {name} | {r['batch']} | {r['crop']} | {r['samples_per_s']:.1f} | {r['data_wait_frac']:.3f} | {r['peak_memory_mb'] / 1024:.2f} GiB |")
+        print(
+            f"| tiny {name} | {r['batch']} | {r['crop']} | {r['samples_per_s']:.1f} | {r['data_wait_frac']:.3f} "
+            f"| {r['peak_memory_mb'] / 1024:.2f} GiB |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,22 +1,23 @@
-"""`diffbir` command line: info, convert and restore."""
+"""`diffbir` command line: info, convert, restore and init-tiny."""
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Literal
 
 import torch
-from pathlib import Path
-
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm import tqdm
 
 from diffbir.checkpoints.info import describe, format_description
 from diffbir.checkpoints.io import CheckpointError
 from diffbir.checkpoints.loading import convert
-from diffbir.config import DiffusionConfig, load_config
+from diffbir.checkpoints.tiny import TINY_LAYOUT, TINY_SALT, write_keyed_files
+from diffbir.config import DiffusionConfig, add_config_flags, load_config
 from diffbir.image_io import ImageError, read_image, write_image
 from diffbir.pipeline import RestorationPipeline, RestoreOptions
 
@@ -33,6 +34,28 @@ class ConvertConfig(BaseModel):
     dtype: Literal["float32", "float16", "bfloat16"] | None = None  # None: keep the stored dtype
     num_head_channels: int = 64  # SD 2.1: 64; not recorded in the weights
     overwrite: bool = False
+
+
+class InitTinyConfig(BaseModel):
+    """`diffbir init-tiny`: a tiny SD 2.1 single file, IRControlNet file and SwinIR file in the
+    official layouts, made by the key-based initialisation (the demo's and examples' models)."""
+
+    model_config = ConfigDict(extra="forbid")
+    output: str = Field("runs/tiny", description="folder to write the three files into")
+    layout: str | None = Field(
+        None, description="weights manifest listing each file's keys and shapes (None: the embedded tiny model)"
+    )
+    salt: int = Field(
+        TINY_SALT, ge=0, description="salt of the key-based initialisation (1: the reference's tiny files)"
+    )
+    overwrite: bool = Field(False, description="rewrite files that exist")
+
+
+def _cmd_init_tiny(args) -> int:
+    cfg = load_config(InitTinyConfig, args.config, **{f: getattr(args, f) for f in InitTinyConfig.model_fields})
+    for path in write_keyed_files(cfg.output, cfg.layout or TINY_LAYOUT, cfg.salt, cfg.overwrite):
+        print(f"{path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
 
 
 def _cmd_info(args) -> int:
@@ -95,9 +118,12 @@ def collect_jobs(inputs: list[str], output: str, fmt: str) -> list[tuple[Path, P
             jobs.append((item, Path(output) / item.name))
         else:
             raise FileNotFoundError(f"{item}: no such file or folder")
-    suffix = lambda p: p.suffix if fmt == "same" and p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") else (  # noqa: E731
-        ".png" if fmt == "same" else f".{fmt}"
-    )
+
+    def suffix(p: Path) -> str:
+        if fmt != "same":
+            return f".{fmt}"
+        return p.suffix if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") else ".png"
+
     return [(src, dst.with_suffix(suffix(dst))) for src, dst in jobs]
 
 
@@ -110,7 +136,9 @@ def _cmd_restore(args) -> int:
         print(f"skipping {len(jobs) - len(todo)} outputs that exist (--overwrite to redo them)")
     if not todo:
         return 0
-    pipe = RestorationPipeline.from_pretrained(cfg.model, cfg.device, cfg.dtype, num_head_channels=cfg.num_head_channels)
+    pipe = RestorationPipeline.from_pretrained(
+        cfg.model, cfg.device, cfg.dtype, num_head_channels=cfg.num_head_channels
+    )
     opts = RestoreOptions(**cfg.model_dump(include=set(RestoreOptions.model_fields)))
     failed = 0
     with tqdm(total=len(todo), unit="img", desc="restore") as bar:
@@ -130,10 +158,13 @@ def _cmd_restore(args) -> int:
             if not batch:
                 continue
             seeds = [cfg.seed + start + i for i in range(len(batch))]
-            for (src, dst), out, info in zip(batch, pipe(images, opts, seeds), infos):
+            for (_src, dst), out, info in zip(batch, pipe(images, opts, seeds), infos):
                 write_image(dst, out, info)
             bar.update(len(batch))
-    print(f"restored {len(todo) - failed} of {len(todo)} images into {cfg.output}" + (f"; {failed} failed" if failed else ""))
+    print(
+        f"restored {len(todo) - failed} of {len(todo)} images into {cfg.output}"
+        + (f"; {failed} failed" if failed else "")
+    )
     return 1 if failed else 0
 
 
@@ -175,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-head-channels", type=int, help="attention head width (default 64, SD 2.1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("init-tiny", help="write tiny official-layout SD 2.1, IRControlNet and SwinIR files")
+    add_config_flags(p, InitTinyConfig)
+    p.set_defaults(func=_cmd_init_tiny)
 
     p = sub.add_parser("restore", help="restore images and folders of images")
     _add_restore_flags(p)

@@ -1,5 +1,6 @@
 """Wavelet colour fix (golden README §6, fixture g): keep the high frequencies of the diffusion
 output and take the low frequencies (colour, tone) from the stage-1 restoration."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Model-level configuration shared by the checkpoint format and the samplers."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,6 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-
 from pydantic import BaseModel, ConfigDict
 
 
@@ -26,7 +26,7 @@ class DiffusionConfig(BaseModel):
     parameterization: Literal["eps", "v"] = "eps"
 
     @classmethod
-    def preset(cls, name: Literal["v1", "v2", "v2.1"]) -> "DiffusionConfig":
+    def preset(cls, name: Literal["v1", "v2", "v2.1"]) -> DiffusionConfig:
         return cls(zero_snr=True, parameterization="v") if name == "v2.1" else cls()
 
 
@@ -49,10 +49,17 @@ def build_parser(cls: type[BaseModel], description: str = "", prog: str | None =
     """`--config FILE` plus one flag per field of `cls`: `--some-field` for `some_field`. List
     fields of scalars take several values, booleans `--x/--no-x`, dict and nested fields JSON."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_config_flags(parser, cls)
+    return parser
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type[BaseModel]) -> None:
+    """Add `--config` and the flags of `cls` to `parser` (a command's own or a subcommand's)."""
     parser.add_argument("--config", help=f"YAML file of {cls.__name__} fields; flags override it")
     for name, field in cls.model_fields.items():
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, help=field.description, **_flag(field.annotation))
-    return parser
+        default = "" if field.is_required() else f" (default: {field.get_default(call_default_factory=True)})"
+        help_text = (field.description or "") + default
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, help=help_text.strip(), **_flag(field.annotation))
 
 
 def parse_config(cls: type[BaseModel], argv: list[str] | None = None, description: str = "", prog: str | None = None):

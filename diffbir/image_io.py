@@ -4,6 +4,7 @@ Restoration works on RGB in [0, 1]; what the user gave (grayscale, an alpha chan
 channel, EXIF orientation) is recorded so the output comes back in the same form. OpenCV decodes
 (PIL truncates 16-bit colour PNGs to 8 bits); PIL only reads the EXIF orientation.
 """
+
 from __future__ import annotations
 
 import io

@@ -5,11 +5,13 @@ Sizes follow the paper: the output is the input times `upscale`; when its short 
 `min_side` (512) the work is done at a size scaled up to it, and the result resized back.
 Everything large runs in tiles (stage 1, VAE, the denoiser), so memory stays flat as images grow.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -54,7 +56,7 @@ class RestoreOptions(BaseModel):
     seed: int = 231
 
     @model_validator(mode="after")
-    def _check(self) -> "RestoreOptions":
+    def _check(self) -> RestoreOptions:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if self.tile_size % 64 or self.tile_stride % 8 or self.tile_stride > self.tile_size:
@@ -110,7 +112,7 @@ class RestorationPipeline:
     @classmethod
     def from_pretrained(
         cls, paths: str | Path | Sequence[str | Path], device: str = "cpu", dtype: str = "fp32", **load_kwargs
-    ) -> "RestorationPipeline":
+    ) -> RestorationPipeline:
         return cls(load_model(paths, **load_kwargs), device, DTYPES[dtype])
 
     @property
@@ -136,7 +138,12 @@ class RestorationPipeline:
         tile = opts.tiled if opts.tiled is not None else max(lq.shape[-2:]) > opts.tile_size
         if tile:
             out = tiled_stage1(
-                self.stage1, lq, opts.tile_size, opts.tile_size - opts.tile_stride, self.stage1_scale, self.stage1_multiple
+                self.stage1,
+                lq,
+                opts.tile_size,
+                opts.tile_size - opts.tile_stride,
+                self.stage1_scale,
+                self.stage1_multiple,
             )
         else:
             h, w = lq.shape[-2:]
@@ -182,9 +189,15 @@ class RestorationPipeline:
         c_neg = self._context(opts.negative_prompt).expand(n, -1, -1)
         if tiled:
             model = cldm_tiled_denoiser(
-                cldm, c_txt[:1], c_img, latent_tile, latent_stride, opts.strength,
-                uncond_txt=c_neg[:1] if opts.cfg_scale != 1 else None, cfg_scale=opts.cfg_scale,
-            )  # fmt: skip
+                cldm,
+                c_txt[:1],
+                c_img,
+                latent_tile,
+                latent_stride,
+                opts.strength,
+                uncond_txt=c_neg[:1] if opts.cfg_scale != 1 else None,
+                cfg_scale=opts.cfg_scale,
+            )
         else:
             model = cfg_model(cldm, c_img, c_txt, c_neg, opts.cfg_scale, opts.strength)
         den = Denoiser(model, self.bundle.diffusion)
@@ -194,10 +207,17 @@ class RestorationPipeline:
         hook = None
         if opts.guidance_scale > 0:
             hook = RestorationGuidance(
-                cldm, image, opts.guidance_scale, space=opts.guidance_space, weighted=opts.guidance_weighted,
-                repeat=opts.guidance_repeat, t_start=opts.guidance_start, t_stop=opts.guidance_stop,
-                noise=noise, decode_tiles=(latent_tile, latent_tile - latent_stride) if tiled else None,
-            )  # fmt: skip
+                cldm,
+                image,
+                opts.guidance_scale,
+                space=opts.guidance_space,
+                weighted=opts.guidance_weighted,
+                repeat=opts.guidance_repeat,
+                t_start=opts.guidance_start,
+                t_stop=opts.guidance_stop,
+                noise=noise,
+                decode_tiles=(latent_tile, latent_tile - latent_stride) if tiled else None,
+            )
         z = sample(den, x_T, opts.sampler, opts.steps, x0_hook=hook, noise=noise)
         decoded = tiled_vae_decode(cldm, z, latent_tile, latent_tile - latent_stride) if tiled else cldm.vae_decode(z)
         restored = ((decoded.float() + 1) / 2).clamp(0, 1)

@@ -8,6 +8,7 @@ started, also on Ctrl-C or a failed step. Step timings go to <workdir>/timings.j
 
     .venv/bin/python infra/demo.py [--config infra/configs/demo.yaml] [--workdir runs/demo]
 """
+
 from __future__ import annotations
 
 import io
@@ -75,7 +76,9 @@ class Demo:
     def background(self, name: str, cmd: list[str], ready_url: str):
         """A long-running process (own process group, log in workdir) until the block ends."""
         log = open(self.work / f"{name}.log", "w")
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             wait_for(ready_url, proc, name, self.cfg.timeout_s, self.work / f"{name}.log")
             yield proc
@@ -101,18 +104,51 @@ class Demo:
         work.mkdir(parents=True)
         start = time.perf_counter()
         with ExitStack() as stack:
-            stack.enter_context(self.background("mlflow", [
-                str(ROOT / ".venv/bin/mlflow"), "server", "--host", "127.0.0.1", "--port", str(cfg.mlflow_port),
-                "--backend-store-uri", f"sqlite:///{work}/mlflow/mlflow.db",
-                "--artifacts-destination", f"{work}/mlflow/artifacts", "--workers", "1",
-            ], f"http://127.0.0.1:{cfg.mlflow_port}/health"))
-            stack.enter_context(self.background("ray", [
-                str(ROOT / ".venv/bin/ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-                "--port", str(cfg.ray_port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(cfg.dashboard_port),
-                # logical CPUs: the Serve replica and the archive's actor each hold one, and the
-                # archive's read tasks still need some (2 real cores are shared by time)
-                "--num-cpus", str(max(4, os.cpu_count())), "--disable-usage-stats",
-            ], f"http://127.0.0.1:{cfg.dashboard_port}/api/version"))
+            stack.enter_context(
+                self.background(
+                    "mlflow",
+                    [
+                        str(ROOT / ".venv/bin/mlflow"),
+                        "server",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(cfg.mlflow_port),
+                        "--backend-store-uri",
+                        f"sqlite:///{work}/mlflow/mlflow.db",
+                        "--artifacts-destination",
+                        f"{work}/mlflow/artifacts",
+                        "--workers",
+                        "1",
+                    ],
+                    f"http://127.0.0.1:{cfg.mlflow_port}/health",
+                )
+            )
+            stack.enter_context(
+                self.background(
+                    "ray",
+                    [
+                        str(ROOT / ".venv/bin/ray"),
+                        "start",
+                        "--head",
+                        "--block",
+                        "--node-ip-address",
+                        "127.0.0.1",
+                        "--port",
+                        str(cfg.ray_port),
+                        "--dashboard-host",
+                        "127.0.0.1",
+                        "--dashboard-port",
+                        str(cfg.dashboard_port),
+                        # logical CPUs: the Serve replica and the archive's actor each hold one, and the
+                        # archive's read tasks still need some (2 real cores are shared by time)
+                        "--num-cpus",
+                        str(max(4, os.cpu_count())),
+                        "--disable-usage-stats",
+                    ],
+                    f"http://127.0.0.1:{cfg.dashboard_port}/api/version",
+                )
+            )
             self.env["RAY_ADDRESS"] = f"127.0.0.1:{cfg.ray_port}"  # jobs are submitted here, drivers join it
             self.timings["start services"] = round(time.perf_counter() - start, 1)
 
@@ -122,15 +158,25 @@ class Demo:
             val = ROOT / "runs/data/example/val"  # held-out photos: validation and promotion
             paths = f"--data {laion}/shards --val-data {val} --storage {work}/train --experiment diffbir-demo"
             self.step("train-rm (ray job)", ["make", "train-rm", f"ARGS={paths} --steps {cfg.rm_steps}"])
-            self.step("train-gm (ray job)", ["make", "train-gm", f"RM_MODEL={work}/train/rm-tiny/model",
-                                             f"ARGS={paths} --steps {cfg.gm_steps}"])
+            self.step(
+                "train-gm (ray job)",
+                ["make", "train-gm", f"RM_MODEL={work}/train/rm-tiny/model", f"ARGS={paths} --steps {cfg.gm_steps}"],
+            )
             self.step("promote", ["make", "promote", f"ARGS=--heldout {val}"])
 
             defaults = json.dumps({"steps": cfg.restore_steps, "min_side": 64, "sampler": "dpmpp_2m"})
             t = time.perf_counter()
-            stack.enter_context(self.background("serve", [
-                "make", "serve", f"ARGS=--port {cfg.serve_port} --reload-interval-s 0 --defaults '{defaults}'",
-            ], f"http://127.0.0.1:{cfg.serve_port}/healthz"))
+            stack.enter_context(
+                self.background(
+                    "serve",
+                    [
+                        "make",
+                        "serve",
+                        f"ARGS=--port {cfg.serve_port} --reload-interval-s 0 --defaults '{defaults}'",
+                    ],
+                    f"http://127.0.0.1:{cfg.serve_port}/healthz",
+                )
+            )
             self.timings["start serving"] = round(time.perf_counter() - t, 1)
             t = time.perf_counter()
             http_out, headers = self.restore_over_http(work)
@@ -138,8 +184,16 @@ class Demo:
 
             archive = write_sample_archive(work / "archive" / "photos.tar.gz")
             restored = work / "archive" / "restored.tar.gz"
-            self.step("restore-archive", ["make", "restore-archive", f"IN={archive}", f"OUT={restored}",
-                                          f"ARGS=--steps {cfg.restore_steps} --min-side 64 --sampler dpmpp_2m --task sr --upscale 2"])
+            self.step(
+                "restore-archive",
+                [
+                    "make",
+                    "restore-archive",
+                    f"IN={archive}",
+                    f"OUT={restored}",
+                    f"ARGS=--steps {cfg.restore_steps} --min-side 64 --sampler dpmpp_2m --task sr --upscale 2",
+                ],
+            )
             self.timings["total"] = round(time.perf_counter() - start, 1)
             (work / "timings.json").write_text(json.dumps(self.timings, indent=1))
             print(summary(cfg, work, http_out, headers, restored), flush=True)
@@ -189,11 +243,15 @@ def summary(cfg: DemoConfig, work: Path, http_out: Path, headers: dict, restored
     return f"""
 The platform ran end to end in {cfg_time(work)}. Where to look:
   MLflow runs and registry   http://127.0.0.1:{cfg.mlflow_port}
-                             (later: .venv/bin/mlflow server --port {cfg.mlflow_port} --backend-store-uri sqlite:///{work}/mlflow/mlflow.db --artifacts-destination {work}/mlflow/artifacts)
+                             (later: .venv/bin/mlflow server --port {cfg.mlflow_port}
+                               --backend-store-uri sqlite:///{work}/mlflow/mlflow.db
+                               --artifacts-destination {work}/mlflow/artifacts)
   Ray dashboard (jobs)       http://127.0.0.1:{cfg.dashboard_port}
   filtered shards + report   {work}/laion/shards/, {work}/laion/stats.md, {work}/laion/score_histograms.png
   training checkpoints       {work}/train/
-  restored over HTTP         {http_out}  (model {headers.get("X-Model-Name")} v{headers.get("X-Model-Version")}, seed {headers.get("X-Seed")})
+  restored over HTTP         {http_out}
+                             (model {headers.get("X-Model-Name")} v{headers.get("X-Model-Version")}, \
+seed {headers.get("X-Seed")})
   restored archive           {restored}, manifest {stem}.manifest.csv
   contact sheet              {stem}.contact.html, {stem}.contact.png
   step timings               {work}/timings.json
@@ -226,7 +284,7 @@ def wait_for(url: str, proc: subprocess.Popen, name: str, timeout: float, log: P
             return
         except OSError:
             if time.monotonic() > deadline:
-                raise SystemExit(f"demo: {name} not ready after {timeout} s; see {log}")
+                raise SystemExit(f"demo: {name} not ready after {timeout} s; see {log}") from None
             time.sleep(1)
 
 

@@ -22,10 +22,12 @@ Measured on random hashes, one core of a heavily shared 2-core box: 1M hashes ta
 bands=8, 91 s with 9, 163 s with 10; 2M take 205 s with 8 (quadratic), 250 s with 9. Projected
 to 15M: ~3 h with 8, ~50 min with 10.
 Every combination is independent: if one core is ever too slow, the combinations can be spread
-over Ray tasks that return only the pairs found (few); this module runs them in one process. Real pHashes are less uniform than random ones, which is why
+over Ray tasks that return only the pairs found (few); this module runs them in one process.
+Real pHashes are less uniform than random ones, which is why
 identical hashes are collapsed before the search (a placeholder image repeated 10⁵ times would
 otherwise make one huge run).
 """
+
 from __future__ import annotations
 
 from itertools import combinations
@@ -82,15 +84,21 @@ def _pairs_within(ids: np.ndarray, hashes: np.ndarray, max_distance: int, chunk:
     h = hashes[ids]
     out = [np.empty((0, 2), np.int64)]
     for a in range(0, len(ids) - 1, chunk):
-        i, j = np.nonzero(np.bitwise_count(h[a:a + chunk, None] ^ h[None, :]) <= max_distance)
+        i, j = np.nonzero(np.bitwise_count(h[a : a + chunk, None] ^ h[None, :]) <= max_distance)
         i += a
         keep = j > i
         out.append(np.stack([ids[i[keep]], ids[j[keep]]], axis=1))
     return np.concatenate(out)
 
 
-def _pairs_in_runs(order: np.ndarray, starts: np.ndarray, lengths: np.ndarray, hashes: np.ndarray,
-                   max_distance: int, budget: int = 1 << 22) -> list[np.ndarray]:
+def _pairs_in_runs(
+    order: np.ndarray,
+    starts: np.ndarray,
+    lengths: np.ndarray,
+    hashes: np.ndarray,
+    max_distance: int,
+    budget: int = 1 << 22,
+) -> list[np.ndarray]:
     """Pairs within each run order[s:s+L] of equal keys. Runs of one length are compared
     together by broadcasting (~`budget` comparisons at a time): a Python loop per run would cost
     more than the comparisons. Runs longer than 1024 go row-chunked, one at a time."""
@@ -98,11 +106,11 @@ def _pairs_in_runs(order: np.ndarray, starts: np.ndarray, lengths: np.ndarray, h
     for length in np.unique(lengths[lengths > 1]):
         run_starts = starts[lengths == length]
         if length > 1024:
-            out += [_pairs_within(order[s:s + length], hashes, max_distance) for s in run_starts]
+            out += [_pairs_within(order[s : s + length], hashes, max_distance) for s in run_starts]
             continue
         step = max(1, budget // (length * length))
         for c in range(0, len(run_starts), step):
-            ids = order[run_starts[c:c + step, None] + np.arange(length)]  # (runs, L)
+            ids = order[run_starts[c : c + step, None] + np.arange(length)]  # (runs, L)
             h = hashes[ids]
             close = np.triu(np.bitwise_count(h[:, :, None] ^ h[:, None, :]) <= max_distance, k=1)
             r, i, j = np.nonzero(close)
@@ -148,15 +156,22 @@ def plan_dedup(table: pd.DataFrame, config: DedupConfig | None = None) -> pd.Dat
     graph = coo_matrix((np.ones(len(src), np.int8), (src, dst)), shape=(size, size))
     group = connected_components(graph, directed=False)[1][:n]
 
-    out = table.reset_index(drop=True).assign(group=group, _pixels=table["width"].to_numpy() * table["height"].to_numpy(),
-                                              _quality=pd.to_numeric(table["jpeg_quality"]).fillna(101).to_numpy())
-    ranked = out.sort_values(["group", "_pixels", "_quality", "sharpness", "key"], ascending=[True, False, False, False, True])
+    out = table.reset_index(drop=True).assign(
+        group=group,
+        _pixels=table["width"].to_numpy() * table["height"].to_numpy(),
+        _quality=pd.to_numeric(table["jpeg_quality"]).fillna(101).to_numpy(),
+    )
+    ranked = out.sort_values(
+        ["group", "_pixels", "_quality", "sharpness", "key"], ascending=[True, False, False, False, True]
+    )
     keeper = ranked.drop_duplicates("group").set_index("group")
     kept_key = keeper.loc[out["group"], "key"].to_numpy()
     kept_sha = keeper.loc[out["group"], "sha256"].to_numpy()
     is_dup = kept_key != out["key"].to_numpy()
     out["dup_of"] = np.where(is_dup, kept_key, None)
-    out["dup_reason"] = np.where(is_dup, np.where(kept_sha == out["sha256"].to_numpy(), "exact_duplicate", "near_duplicate"), None)
+    out["dup_reason"] = np.where(
+        is_dup, np.where(kept_sha == out["sha256"].to_numpy(), "exact_duplicate", "near_duplicate"), None
+    )
     return out.drop(columns=["_pixels", "_quality"])
 
 

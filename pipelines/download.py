@@ -16,6 +16,7 @@ img2dataset's own `download()` numbers the shards of every call from 0 (so per-s
 all write keys 000000000...) and starts two extra processes per call; the tasks therefore drive
 its Reader, Resizer and Downloader directly with the shard's real id, as `download()` would.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -116,8 +117,13 @@ class DownloadResult:
         return self.successes / busy if busy else 0.0
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "count": self.count, "successes": self.successes, "failures": self.failures,
-                "images_per_s_per_core": self.images_per_s_per_core}
+        return {
+            **asdict(self),
+            "count": self.count,
+            "successes": self.successes,
+            "failures": self.failures,
+            "images_per_s_per_core": self.images_per_s_per_core,
+        }
 
 
 _MESSAGES = {
@@ -140,7 +146,9 @@ def failure_reason(message: str) -> str:
     return "connection_error" if message.startswith("<urlopen error") else "other"
 
 
-def plan_shards(fs: fsspec.AbstractFileSystem, paths: Sequence[str], shard_size: int) -> list[list[tuple[str, int, int]]]:
+def plan_shards(
+    fs: fsspec.AbstractFileSystem, paths: Sequence[str], shard_size: int
+) -> list[list[tuple[str, int, int]]]:
     """Split the rows of `paths` (in order) into shards of `shard_size`; a shard is a list of
     (path, start row, stop row) pieces, read from parquet footers only."""
     shards, current, room = [], [], shard_size
@@ -183,7 +191,9 @@ def _shard_stats(fs: fsspec.AbstractFileSystem, folder: str, shard: int, resumed
     with fs.open(f"{folder}/{name}.parquet", "rb") as f:
         rows = pq.read_table(f, columns=["status", "error_message"]).to_pylist()
     failures = Counter(failure_reason(r["error_message"] or "") for r in rows if r["status"] != "success")
-    return ShardStats(shard, stats["count"], stats["successes"], dict(sorted(failures.items())), stats["duration"], resumed)
+    return ShardStats(
+        shard, stats["count"], stats["successes"], dict(sorted(failures.items())), stats["duration"], resumed
+    )
 
 
 @ray.remote
@@ -203,21 +213,47 @@ def _download_shard(
         with fs.open(f"{tmp}/input.parquet", "wb") as f:
             pq.write_table(table, f)
         extra = [c for c in table.column_names if c not in (config.url_col, config.caption_col)]
-        reader = Reader(f"{tmp_url}/input.parquet", "parquet", config.url_col, config.caption_col, None, None, extra,
-                        config.shard_size, set(), tmp_url, start_shard_id=shard)
+        reader = Reader(
+            f"{tmp_url}/input.parquet",
+            "parquet",
+            config.url_col,
+            config.caption_col,
+            None,
+            None,
+            extra,
+            config.shard_size,
+            set(),
+            tmp_url,
+            start_shard_id=shard,
+        )
         with contextlib.redirect_stdout(io.StringIO()):  # the reader's progress chatter, per shard
             (job,) = list(reader)
         resize = config.max_short_side is not None
         resizer = Resizer(
-            image_size=config.max_short_side or 0, resize_mode="keep_ratio" if resize else "no", resize_only_if_bigger=True,
-            encode_quality=config.encode_quality, encode_format=config.encode_format, skip_reencode=True,
-            min_image_size=config.min_side, max_aspect_ratio=config.max_aspect_ratio,
+            image_size=config.max_short_side or 0,
+            resize_mode="keep_ratio" if resize else "no",
+            resize_only_if_bigger=True,
+            encode_quality=config.encode_quality,
+            encode_format=config.encode_format,
+            skip_reencode=True,
+            min_image_size=config.min_side,
+            max_aspect_ratio=config.max_aspect_ratio,
         )
         downloader = Downloader(
-            sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=config.thread_count,
-            save_caption=True, extract_exif=True, output_folder=tmp_url, column_list=reader.column_list,
-            timeout=config.timeout, number_sample_per_shard=config.shard_size, oom_shard_count=OOM_SHARD_COUNT,
-            compute_hash="sha256", verify_hash_type=None, encode_format=config.encode_format, retries=config.retries,
+            sample_writer_class=WebDatasetSampleWriter,
+            resizer=resizer,
+            thread_count=config.thread_count,
+            save_caption=True,
+            extract_exif=True,
+            output_folder=tmp_url,
+            column_list=reader.column_list,
+            timeout=config.timeout,
+            number_sample_per_shard=config.shard_size,
+            oom_shard_count=OOM_SHARD_COUNT,
+            compute_hash="sha256",
+            verify_hash_type=None,
+            encode_format=config.encode_format,
+            retries=config.retries,
             user_agent_token=config.user_agent_token,
             disallowed_header_directives=["noai", "noimageai", "noindex", "noimageindex"],  # img2dataset's default
         )
@@ -266,8 +302,10 @@ def _check_plan(fs: fsspec.AbstractFileSystem, path: str, plan: dict) -> None:
     if not fs.exists(path):
         fs.pipe_file(path, json.dumps(plan).encode())
     elif (old := json.loads(fs.cat_file(path))) != plan:
-        raise ValueError(f"{fs.unstrip_protocol(path)}: this output holds shards of another input or shard size "
-                         f"({old}, now {plan}); use a new output directory")
+        raise ValueError(
+            f"{fs.unstrip_protocol(path)}: this output holds shards of another input or shard size "
+            f"({old}, now {plan}); use a new output directory"
+        )
 
 
 def download(
@@ -290,7 +328,9 @@ def download(
 
     remote = _download_shard.options(max_retries=config.shard_retries, retry_exceptions=True, num_cpus=1)
     pending = {
-        remote.remote(i, pieces, input_fs, str(output_dir), config): i for i, pieces in enumerate(shards) if i not in done
+        remote.remote(i, pieces, input_fs, str(output_dir), config): i
+        for i, pieces in enumerate(shards)
+        if i not in done
     }
     stats = {i: _shard_stats(fs, out, i, resumed=True) for i in done if i < len(shards)}
     failed = {}
@@ -305,9 +345,17 @@ def download(
             bar.update()
     _remove_attempts(fs, out)  # what is left there is from attempts that died
     if failed:
-        raise RuntimeError(f"{len(failed)} shard(s) failed after {config.shard_retries} retries (rerun to resume): "
-                           + "; ".join(f"{i}: {err}" for i, err in sorted(failed.items())))
+        raise RuntimeError(
+            f"{len(failed)} shard(s) failed after {config.shard_retries} retries (rerun to resume): "
+            + "; ".join(f"{i}: {err}" for i, err in sorted(failed.items()))
+        )
     result = DownloadResult(str(output_dir), [stats[i] for i in sorted(stats)], time.monotonic() - started)
-    log.info("download: %d of %d images in %d shards; failures %s; %.1f images/s per core",
-             result.successes, result.count, len(result.shards), result.failures, result.images_per_s_per_core)
+    log.info(
+        "download: %d of %d images in %d shards; failures %s; %.1f images/s per core",
+        result.successes,
+        result.count,
+        len(result.shards),
+        result.failures,
+        result.images_per_s_per_core,
+    )
     return result

@@ -20,6 +20,7 @@ training loop in order. Each rank builds its own dataset from its position rathe
 `get_dataset_shard`: Ray's streaming split routes blocks to whichever rank asks first, which
 neither keeps a rank's order nor lets a restarted worker start mid-epoch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,10 @@ import functools
 import json
 import posixpath
 import tarfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Iterator
+from typing import Annotated
 
 import cv2
 import fsspec
@@ -47,8 +49,9 @@ from pipelines.degradations import degrade, load_config
 from pipelines.shards import atomic_write, write_tar
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-INDEX_SCHEMA = pa.schema([("url", pa.string()), ("key", pa.string()), ("offset", pa.int64()),
-                          ("size", pa.int64()), ("caption", pa.string())])
+INDEX_SCHEMA = pa.schema(
+    [("url", pa.string()), ("key", pa.string()), ("offset", pa.int64()), ("size", pa.int64()), ("caption", pa.string())]
+)
 # Ray Data plans every read task of a dataset up front: a long run reads in segments of this many batches
 SEGMENT_BATCHES = 1000
 # salts of the generators drawn from the seed: epoch order, training samples, validation samples
@@ -69,12 +72,23 @@ Degradation = Annotated[str, AfterValidator(lambda s: _absolute(s) if s.endswith
 class FeedConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    data: Location = Field(description="WebDataset shards (directory, glob or fsspec URL of *.tar) or a folder of images")
+    data: Location = Field(
+        description="WebDataset shards (directory, glob or fsspec URL of *.tar) or a folder of images"
+    )
     crop_size: int = Field(512, ge=8, description="side of the random square crop")
-    degradation: Degradation = Field("first_order", description="degradation model: a bundled name (first_order, realesrgan, codeformer_face) or a YAML file")
-    caption_drop_rate: float = Field(1.0, ge=0, le=1, description="probability of an empty prompt (DiffBIR: 1, always empty)")
+    degradation: Degradation = Field(
+        "first_order",
+        description="degradation model: a bundled name (first_order, realesrgan, codeformer_face) or a YAML file",
+    )
+    caption_drop_rate: float = Field(
+        1.0, ge=0, le=1, description="probability of an empty prompt (DiffBIR: 1, always empty)"
+    )
     seed: int = Field(231, ge=0, description="seeds the sample order, crops, degradations and training noise")
-    data_cpus: float = Field(0.25, gt=0, description="CPUs reserved by each crop+degrade task (fractional: tasks must fit beside the trainers)")
+    data_cpus: float = Field(
+        0.25,
+        gt=0,
+        description="CPUs reserved by each crop+degrade task (fractional: tasks must fit beside the trainers)",
+    )
     data_workers: int = Field(4, ge=1, description="most crop+degrade tasks in flight per rank")
     prefetch_batches: int = Field(2, ge=0, description="batches prepared ahead of the training loop")
 
@@ -99,7 +113,9 @@ def index_samples(source: str) -> pa.Table:
     else:
         rows = _index_folder(fs, path)
     if not rows:
-        raise FileNotFoundError(f"no samples at {source}: expected *.tar WebDataset shards or {'/'.join(IMAGE_EXTS)} images")
+        raise FileNotFoundError(
+            f"no samples at {source}: expected *.tar WebDataset shards or {'/'.join(IMAGE_EXTS)} images"
+        )
     return pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
 
 
@@ -113,7 +129,10 @@ def _index_tar(fs: fsspec.AbstractFileSystem, path: str) -> list[dict]:
                 continue
             # webdataset's convention: the key is the name up to the first dot of the basename
             base = posixpath.basename(member.name)
-            key, ext = posixpath.join(posixpath.dirname(member.name), base.split(".", 1)[0]), base.split(".", 1)[-1].lower()
+            key, ext = (
+                posixpath.join(posixpath.dirname(member.name), base.split(".", 1)[0]),
+                base.split(".", 1)[-1].lower(),
+            )
             sample = samples.setdefault(key, {"url": url, "key": key, "offset": None, "size": None, "caption": ""})
             if ext in IMAGE_EXTS:
                 sample["offset"], sample["size"] = member.offset_data, member.size
@@ -128,8 +147,15 @@ def _index_folder(fs: fsspec.AbstractFileSystem, path: str) -> list[dict]:
     for p in files:
         caption_file = p.rsplit(".", 1)[0] + ".txt"
         caption = fs.cat_file(caption_file).decode("utf-8", "replace") if fs.exists(caption_file) else ""
-        rows.append({"url": fs.unstrip_protocol(p), "key": posixpath.relpath(p, path), "offset": 0,
-                     "size": fs.size(p), "caption": caption})
+        rows.append(
+            {
+                "url": fs.unstrip_protocol(p),
+                "key": posixpath.relpath(p, path),
+                "offset": 0,
+                "size": fs.size(p),
+                "caption": caption,
+            }
+        )
     return rows
 
 
@@ -273,22 +299,26 @@ def rank_dataset(cfg: FeedConfig, index, rank: int, world: int, start: int, coun
     and the map fuse into one task per batch, each taking `data_cpus` CPUs, `data_workers` at once."""
     tasks = dict(num_cpus=cfg.data_cpus, compute=ray.data.TaskPoolStrategy(size=cfg.data_workers))
     blocks = -(-count // batch_size)  # one per batch: Ray would split fewer blocks and not fuse
-    ds = ray.data.read_datasource(_Positions(start, count, batch_size), override_num_blocks=blocks, **tasks).map_batches(
-        _make_samples, fn_kwargs=dict(cfg=cfg, index=index, rank=rank, world=world), batch_size=None, **tasks
-    )
+    ds = ray.data.read_datasource(
+        _Positions(start, count, batch_size), override_num_blocks=blocks, **tasks
+    ).map_batches(_make_samples, fn_kwargs=dict(cfg=cfg, index=index, rank=rank, world=world), batch_size=None, **tasks)
     ds.context.execution_options.preserve_order = True  # a rank's batches come in stream order
     ds.context.enable_progress_bars = False
     return ds
 
 
-def rank_batches(cfg: FeedConfig, index, rank: int, world: int, batch_size: int, start: int, count: int) -> Iterator[dict]:
+def rank_batches(
+    cfg: FeedConfig, index, rank: int, world: int, batch_size: int, start: int, count: int
+) -> Iterator[dict]:
     """Batches of `batch_size` samples (the last one may be smaller) of rank `rank`'s stream
     positions start … start + count - 1: {"hq", "lq": float tensors, "prompt", "key": lists,
     "epoch", "sample", "position": int64 tensors}."""
     segment = SEGMENT_BATCHES * batch_size
     for lo in range(start, start + count, segment):
         ds = rank_dataset(cfg, index, rank, world, lo, min(segment, start + count - lo), batch_size)
-        yield from ds.iter_torch_batches(batch_size=batch_size, collate_fn=_Collate(), prefetch_batches=cfg.prefetch_batches)
+        yield from ds.iter_torch_batches(
+            batch_size=batch_size, collate_fn=_Collate(), prefetch_batches=cfg.prefetch_batches
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,7 +340,16 @@ def write_example_shards(out_dir: str, photos: tuple[str, ...] = TRAIN_PHOTOS, p
     for name in photos:
         stem, ext = name.rsplit(".", 1)
         meta = {"source": "scikit-image", "file": name}
-        samples.append((stem, {ext: (root / name).read_bytes(), "txt": f"a photo: {stem}".encode(), "json": json.dumps(meta).encode()}))
+        samples.append(
+            (
+                stem,
+                {
+                    ext: (root / name).read_bytes(),
+                    "txt": f"a photo: {stem}".encode(),
+                    "json": json.dumps(meta).encode(),
+                },
+            )
+        )
     urls = []
     for i in range(0, len(samples), per_shard):
         shard = f"{path}/{i // per_shard:05d}.tar"
@@ -321,7 +360,9 @@ def write_example_shards(out_dir: str, photos: tuple[str, ...] = TRAIN_PHOTOS, p
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write the example training data (scikit-image photos) as WebDataset shards.")
+    parser = argparse.ArgumentParser(
+        description="Write the example training data (scikit-image photos) as WebDataset shards."
+    )
     parser.add_argument("out_dir", help="gets train/ and val/ (held-out photos) shard directories")
     args = parser.parse_args(argv)
     for split, photos in (("train", TRAIN_PHOTOS), ("val", VAL_PHOTOS)):

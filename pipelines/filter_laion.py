@@ -9,6 +9,7 @@ Every stage runs on Ray (RAY_ADDRESS joins a cluster). Each stage writes its out
 before the next starts, and the download resumes finished shards, so a rerun after a crash
 continues where it stopped and produces the same shards.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,14 +39,22 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "filter_laion.yaml"
 class SampleConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     slow_seconds: float = Field(30.0, gt=0, description="the deliberately slow URL answers after this")
-    port: int = Field(0, ge=0, le=65535, description="loopback port of the sample's server; 0: any free one (a rerun on the same output reuses the previous)")
+    port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="loopback port of the sample's server; 0: any free one "
+        "(a rerun on the same output reuses the previous)",
+    )
 
 
 class FilterLaionConfig(BaseModel):
     """The whole pipeline; each section is one stage's config."""
 
     model_config = ConfigDict(extra="forbid")
-    metadata: list[str] | None = Field(None, description="LAION parquet files, globs or URLs; None: the embedded sample")
+    metadata: list[str] | None = Field(
+        None, description="LAION parquet files, globs or URLs; None: the embedded sample"
+    )
     output: str = Field("runs/laion", description="output directory or fsspec URL")
     sample: SampleConfig = Field(default_factory=SampleConfig)
     prefilter: PrefilterConfig = Field(default_factory=PrefilterConfig)
@@ -54,8 +63,11 @@ class FilterLaionConfig(BaseModel):
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     shards: ShardConfig = Field(default_factory=ShardConfig)
     report_score_rows: int = Field(
-        1_000_000, ge=1000, description="score distributions and histograms in the report use a uniform "
-        "sample of at most this many assessed samples (bounds the driver's memory; counts are never sampled)")
+        1_000_000,
+        ge=1000,
+        description="score distributions and histograms in the report use a uniform "
+        "sample of at most this many assessed samples (bounds the driver's memory; counts are never sampled)",
+    )
 
 
 def run(cfg: FilterLaionConfig) -> dict:
@@ -65,7 +77,9 @@ def run(cfg: FilterLaionConfig) -> dict:
     with ExitStack() as stack:
         metadata = cfg.metadata
         if metadata is None:
-            sample = stack.enter_context(embedded_sample(Path(work) / "sample", cfg.sample.slow_seconds, cfg.sample.port))
+            sample = stack.enter_context(
+                embedded_sample(Path(work) / "sample", cfg.sample.slow_seconds, cfg.sample.port)
+            )
             metadata = [str(p) for p in sample.metadata]
             log.info("embedded sample: %d metadata rows served from %s", len(sample.rows), sample.base_url)
         ensure_ray()
@@ -78,8 +92,13 @@ def run(cfg: FilterLaionConfig) -> dict:
         t = time.monotonic()
         dl = download(pre.files, f"{work}/download", cfg.download)
         stages.append(StageStats("download", dl.count, dl.successes, dl.failures))
-        log.info("download: %d -> %d images (%.0f s; %.1f images/s/core)", dl.count, dl.successes,
-                 time.monotonic() - t, dl.images_per_s_per_core)
+        log.info(
+            "download: %d -> %d images (%.0f s; %.1f images/s/core)",
+            dl.count,
+            dl.successes,
+            time.monotonic() - t,
+            dl.images_per_s_per_core,
+        )
 
         t = time.monotonic()
         scored = score_quality(f"{work}/download", cfg.quality).materialize()
@@ -100,7 +119,9 @@ def run(cfg: FilterLaionConfig) -> dict:
         scores, failed = summarize_scored(scored, SCORE_NAMES, cfg.report_score_rows)
         files = write_report(out, stages, scores, cfg.quality.thresholds(), failed, n_scored)
     report = json.loads(Path(files["json"]).read_text()) if "://" not in files["json"] else {"files": files}
-    log.info("wrote %d shards to %s/shards; index %s; report %s", len(written.shards), out, written.index, files["summary"])
+    log.info(
+        "wrote %d shards to %s/shards; index %s; report %s", len(written.shards), out, written.index, files["summary"]
+    )
     return report
 
 

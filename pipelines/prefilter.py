@@ -13,6 +13,7 @@ on input order). The kept rows come out in bucket order, sorted by that hash wit
 bucket: the same order on every run over the same input (so the download makes the same
 shards), and one that spreads each web site's URLs over all download shards.
 """
+
 from __future__ import annotations
 
 import logging
@@ -108,16 +109,18 @@ def check_schemas(fs: fsspec.AbstractFileSystem, paths: Sequence[str], config: P
         with fs.open(path, "rb") as f:
             schema = pq.read_schema(f)
         needed = [*REQUIRED, SIMILARITY] if config.min_similarity is not None else REQUIRED
-        for col in needed:
-            if col not in schema.names:
-                raise ValueError(f"{fs.unstrip_protocol(path)}: missing required column {col!r} (has {schema.names})")
-        for col in ("URL", "TEXT"):
-            if not (pa.types.is_string(schema.field(col).type) or pa.types.is_large_string(schema.field(col).type)):
-                raise TypeError(f"{fs.unstrip_protocol(path)}: column {col!r} is {schema.field(col).type}, expected string")
-        for col in _numeric_columns(config, schema.names):
-            t = schema.field(col).type
+        for name in needed:
+            if name not in schema.names:
+                raise ValueError(f"{fs.unstrip_protocol(path)}: missing required column {name!r} (has {schema.names})")
+        for name in ("URL", "TEXT"):
+            if not (pa.types.is_string(schema.field(name).type) or pa.types.is_large_string(schema.field(name).type)):
+                raise TypeError(
+                    f"{fs.unstrip_protocol(path)}: column {name!r} is {schema.field(name).type}, expected string"
+                )
+        for name in _numeric_columns(config, schema.names):
+            t = schema.field(name).type
             if not any(accepts(t) for accepts in _NUMBER_TYPES):
-                raise TypeError(f"{fs.unstrip_protocol(path)}: column {col!r} is {t}, expected a number")
+                raise TypeError(f"{fs.unstrip_protocol(path)}: column {name!r} is {t}, expected a number")
 
 
 def _flag(batch: pd.DataFrame, config: PrefilterConfig) -> pd.DataFrame:
@@ -129,10 +132,10 @@ def _flag(batch: pd.DataFrame, config: PrefilterConfig) -> pd.DataFrame:
 
     reject(batch["URL"].isna() | (batch["URL"] == ""), "invalid_URL")
     values = {}
-    for col in _numeric_columns(config, batch.columns):
-        values[col] = pd.to_numeric(batch[col], errors="coerce").astype("float64")
-        if col != AESTHETIC:  # an unscored row is only exempt from the aesthetic check
-            reject(values[col].isna(), f"invalid_{col}")
+    for name in _numeric_columns(config, batch.columns):
+        values[name] = pd.to_numeric(batch[name], errors="coerce").astype("float64")
+        if name != AESTHETIC:  # an unscored row is only exempt from the aesthetic check
+            reject(values[name].isna(), f"invalid_{name}")
     short = np.minimum(values["WIDTH"], values["HEIGHT"])
     reject(short < config.min_side, "min_side")
     reject(np.maximum(values["WIDTH"], values["HEIGHT"]) > config.max_aspect_ratio * short, "aspect_ratio")

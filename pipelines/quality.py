@@ -13,9 +13,8 @@ img2dataset's webdataset tars on Ray Data. Rows keep a reference to their bytes 
 size) instead of the bytes themselves, so everything after this stage moves kilobytes per image;
 `pipelines.shards` reads the bytes back when it writes the final shards.
 """
-from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from __future__ import annotations
 
 import hashlib
 import importlib
@@ -25,10 +24,12 @@ import logging
 import math
 import posixpath
 import tarfile
+from abc import ABC, abstractmethod
 from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import cv2
 import numpy as np
@@ -56,6 +57,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 # --------------------------------------------------------------------------- measurements
 
+
 def to_gray(img: np.ndarray) -> np.ndarray:
     """uint8 luminance (ITU-R 601 weights, as OpenCV); gray input is returned unchanged."""
     return img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
@@ -79,7 +81,7 @@ def _center_crop(img: np.ndarray, side: int = 1024) -> np.ndarray:
     blockiness) do not need more pixels, and this bounds their cost on 12 MP originals."""
     h, w = img.shape[:2]
     y, x = max(0, (h - side) // 2) // 8 * 8, max(0, (w - side) // 2) // 8 * 8
-    return img[y:y + side, x:x + side]
+    return img[y : y + side, x : x + side]
 
 
 def sharpness(img: np.ndarray) -> float:
@@ -107,11 +109,11 @@ def hf_energy_ratio(img: np.ndarray, tile: int = 256, tiles: int = 4) -> float:
     t = min(tile, *g.shape)
     if t < 16:
         return 0.0
-    crops = [g[y:y + t, x:x + t] for y in range(0, g.shape[0] - t + 1, t) for x in range(0, g.shape[1] - t + 1, t)]
+    crops = [g[y : y + t, x : x + t] for y in range(0, g.shape[0] - t + 1, t) for x in range(0, g.shape[1] - t + 1, t)]
     crops = np.stack(sorted(crops, key=lambda c: -float(c.var()))[:tiles])
     window = np.outer(np.hanning(t), np.hanning(t)).astype(np.float32)
     power = (np.abs(scipy.fft.rfft2((crops - crops.mean(axis=(1, 2), keepdims=True)) * window)) ** 2).sum(axis=0)
-    power[:, 1:(t + 1) // 2] *= 2  # rfft keeps one of each conjugate pair of columns
+    power[:, 1 : (t + 1) // 2] *= 2  # rfft keeps one of each conjugate pair of columns
     radius = np.hypot(*np.meshgrid(np.fft.rfftfreq(t), np.fft.fftfreq(t)))
     total = power[radius > 1 / 32].sum()
     return float(power[radius > 0.25].sum() / total) if total > 1e-6 * power.size else 0.0
@@ -188,11 +190,74 @@ def luminance_stats(img: np.ndarray) -> dict[str, float]:
 
 
 # IJG (libjpeg) base tables, JPEG standard Annex K, natural (row-major) order as PIL reports them.
-_LUMA = np.array([
-    16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55,
-    14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62,
-    18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
-    49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99])
+_LUMA = np.array(
+    [
+        16,
+        11,
+        10,
+        16,
+        24,
+        40,
+        51,
+        61,
+        12,
+        12,
+        14,
+        19,
+        26,
+        58,
+        60,
+        55,
+        14,
+        13,
+        16,
+        24,
+        40,
+        57,
+        69,
+        56,
+        14,
+        17,
+        22,
+        29,
+        51,
+        87,
+        80,
+        62,
+        18,
+        22,
+        37,
+        56,
+        68,
+        109,
+        103,
+        77,
+        24,
+        35,
+        55,
+        64,
+        81,
+        104,
+        113,
+        92,
+        49,
+        64,
+        78,
+        87,
+        103,
+        121,
+        120,
+        101,
+        72,
+        92,
+        95,
+        98,
+        112,
+        100,
+        103,
+        99,
+    ]
+)
 _CHROMA = np.full(64, 99)
 _CHROMA[[0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 24, 25]] = [17, 18, 24, 47, 18, 21, 26, 66, 24, 26, 56, 47, 66]
 
@@ -220,6 +285,7 @@ def jpeg_quality(quantization: Mapping[int, Sequence[int]] | None) -> int | None
 
 # --------------------------------------------------------------------------- decision
 
+
 @dataclass(frozen=True)
 class Decoded:
     pixels: np.ndarray  # H×W×3 RGB uint8
@@ -243,7 +309,9 @@ def measure(decoded: Decoded) -> dict[str, float | int | None]:
     h, w = gray.shape
     hf = hf_energy_ratio(gray)
     return {
-        "width": w, "height": h, "short_side": min(w, h),
+        "width": w,
+        "height": h,
+        "short_side": min(w, h),
         "effective_short_side": min(w, h) if hf >= DETAIL_LEVEL else effective_short_side(gray),
         "hf_energy_ratio": hf,
         "sharpness": sharpness(norm),
@@ -256,11 +324,21 @@ def measure(decoded: Decoded) -> dict[str, float | int | None]:
 
 
 SCORE_TYPES: dict[str, pa.DataType] = {
-    "width": pa.int64(), "height": pa.int64(), "short_side": pa.int64(), "effective_short_side": pa.int64(),
-    "hf_energy_ratio": pa.float64(), "sharpness": pa.float64(), "noise_sigma": pa.float64(),
-    "jpeg_quality": pa.int64(), "blockiness": pa.float64(), "flat_fraction": pa.float64(),
-    "entropy": pa.float64(), "dark_fraction": pa.float64(), "bright_fraction": pa.float64(),
-    "mean_luminance": pa.float64(), "learned_iqa": pa.float64(),
+    "width": pa.int64(),
+    "height": pa.int64(),
+    "short_side": pa.int64(),
+    "effective_short_side": pa.int64(),
+    "hf_energy_ratio": pa.float64(),
+    "sharpness": pa.float64(),
+    "noise_sigma": pa.float64(),
+    "jpeg_quality": pa.int64(),
+    "blockiness": pa.float64(),
+    "flat_fraction": pa.float64(),
+    "entropy": pa.float64(),
+    "dark_fraction": pa.float64(),
+    "bright_fraction": pa.float64(),
+    "mean_luminance": pa.float64(),
+    "learned_iqa": pa.float64(),
 }
 SCORE_NAMES = tuple(SCORE_TYPES)
 
@@ -293,6 +371,7 @@ class QualityConfig(BaseModel):
     """Thresholds; None disables a check. Defaults are for restoration *targets* (DiffBIR trains
     on 512×512 crops and synthesises every degradation itself, so the targets must carry none):
     values from the measurements documented on each function."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     min_short_side: int | None = 512  # a full 512 training crop without upscaling
     min_effective_short_side: int | None = 512  # ...also in real detail: rejects ≥2× upscales
@@ -331,7 +410,11 @@ def judge(scores: Mapping[str, Any], config: QualityConfig, meta: Mapping[str, A
     """Reasons (priority order, no repeats) the scores fail the config; [] means keep."""
     reasons = []
     declared = meta and (meta.get("width"), meta.get("height"))
-    if declared and all(isinstance(v, int) for v in declared) and sorted(declared) != sorted((scores["width"], scores["height"])):
+    if (
+        declared
+        and all(isinstance(v, int) for v in declared)
+        and sorted(declared) != sorted((scores["width"], scores["height"]))
+    ):
         reasons.append("size_mismatch")  # the bytes are not the image the downloader recorded
     checks = list(CHECKS)
     if config.learned_iqa:
@@ -346,14 +429,15 @@ def judge(scores: Mapping[str, Any], config: QualityConfig, meta: Mapping[str, A
     return reasons
 
 
-def assess_batch(items: Sequence[tuple[bytes, Mapping[str, Any] | None]], config: QualityConfig,
-                 iqa: LearnedIQA | None = None) -> list[QualityResult]:
+def assess_batch(
+    items: Sequence[tuple[bytes, Mapping[str, Any] | None]], config: QualityConfig, iqa: LearnedIQA | None = None
+) -> list[QualityResult]:
     """`assess` over a batch, so a learned scorer sees the decodable images in one call."""
     results, kept_pixels = [], {}  # index of each decodable item → its pixels (only for the scorer)
     for i, (image_bytes, _) in enumerate(items):
         try:
             decoded = decode(image_bytes)
-        except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError, bomb errors...)
+        except Exception:  # noqa: BLE001 -- PIL raises many types (OSError, SyntaxError, ValueError, bomb errors...)
             results.append(QualityResult({}, False, ["decode_error"]))
             continue
         results.append(QualityResult(measure(decoded), True, [], phash_hex(decoded.pixels)))
@@ -368,8 +452,13 @@ def assess_batch(items: Sequence[tuple[bytes, Mapping[str, Any] | None]], config
     return results
 
 
-def assess(image_bytes: bytes, meta: Mapping[str, Any] | None = None, config: QualityConfig | None = None,
-           *, iqa: LearnedIQA | None = None) -> QualityResult:
+def assess(
+    image_bytes: bytes,
+    meta: Mapping[str, Any] | None = None,
+    config: QualityConfig | None = None,
+    *,
+    iqa: LearnedIQA | None = None,
+) -> QualityResult:
     """Score one image. Never raises on bad bytes: undecodable → reasons ["decode_error"]. With
     `config.learned_iqa` set and no `iqa` given, the scorer is loaded for this call (pass `iqa=`
     to reuse one). `meta` is the sample's JSON: its width/height must match the decoded size."""
@@ -380,6 +469,7 @@ def assess(image_bytes: bytes, meta: Mapping[str, Any] | None = None, config: Qu
 
 
 # --------------------------------------------------------------------------- learned IQA
+
 
 class LearnedIQA(Protocol):
     """A no-reference quality model (MUSIQ, MANIQA, CLIP-IQA, ...) wrapped for the filter."""
@@ -397,9 +487,11 @@ LEARNED_IQA: dict[str, type] = {}
 def register_learned_iqa(name: str):
     """Class decorator. Ray workers only see registrations made on import, so a scorer defined
     outside `pipelines` is better named by import path ('package.module:Class')."""
+
     def add(cls: type) -> type:
         LEARNED_IQA[name] = cls
         return cls
+
     return add
 
 
@@ -415,7 +507,8 @@ def load_learned_iqa(config: LearnedIQAConfig) -> LearnedIQA:
     if not path.is_file():
         raise FileNotFoundError(
             f"learned IQA {config.name!r}: weights file {path} does not exist. Weights are never "
-            "downloaded: copy the file there or fix learned_iqa.weights_path.")
+            "downloaded: copy the file there or fix learned_iqa.weights_path."
+        )
     scorer = cls()
     scorer.load(str(path))
     return scorer
@@ -425,6 +518,7 @@ class TorchIQA(ABC):
     """Base for torch scorers: a subclass gives `build()` (the untrained network, mapping an
     N×3×S×S float batch in [0, 1] to N scores) and `input_size`; `load` fills it from a state
     dict in .safetensors or a torch.save file (read with weights_only=True: never unpickles code)."""
+
     input_size = 224
 
     @abstractmethod
@@ -436,6 +530,7 @@ class TorchIQA(ABC):
 
         if weights_path.endswith(".safetensors"):
             from safetensors.torch import load_file
+
             state = load_file(weights_path)
         else:
             state = torch.load(weights_path, map_location="cpu", weights_only=True)
@@ -454,11 +549,19 @@ class TorchIQA(ABC):
 
 # --------------------------------------------------------------------------- webdataset input
 
-READ_SCHEMA = pa.schema([
-    ("key", pa.string()), ("source", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),
-    ("ext", pa.string()), ("image", pa.binary()), ("caption", pa.string()), ("meta", pa.string()),
-    ("error", pa.string()),
-])
+READ_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("source", pa.string()),
+        ("offset", pa.int64()),
+        ("size", pa.int64()),
+        ("ext", pa.string()),
+        ("image", pa.binary()),
+        ("caption", pa.string()),
+        ("meta", pa.string()),
+        ("error", pa.string()),
+    ]
+)
 SCORED_SCHEMA = pa.schema(
     [f for f in READ_SCHEMA if f.name != "image"]
     + [("sha256", pa.string()), ("phash", pa.string())]
@@ -477,10 +580,17 @@ def iter_tar_samples(url: str) -> Iterator[dict]:
         ext = next((e for e in IMAGE_EXTS if e in members), None)
         offset, data = members.get(ext, (None, None))
         txt = members.get("txt", (0, b""))[1]
-        return {"key": key, "source": url, "offset": offset, "size": None if data is None else len(data),
-                "ext": ext, "image": data, "caption": txt.decode("utf-8", "replace"),
-                "meta": members.get("json", (0, b""))[1].decode("utf-8", "replace"),
-                "error": None if ext else "missing_image"}
+        return {
+            "key": key,
+            "source": url,
+            "offset": offset,
+            "size": None if data is None else len(data),
+            "ext": ext,
+            "image": data,
+            "caption": txt.decode("utf-8", "replace"),
+            "meta": members.get("json", (0, b""))[1].decode("utf-8", "replace"),
+            "error": None if ext else "missing_image",
+        }
 
     key, members = None, {}
     try:
@@ -498,8 +608,17 @@ def iter_tar_samples(url: str) -> Iterator[dict]:
             yield row(key, members)
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         log.warning("unreadable tar %s: %s", url, exc)
-        yield {"key": f"{posixpath.basename(url)}:tar_error", "source": url, "offset": None, "size": None,
-               "ext": None, "image": None, "caption": "", "meta": "", "error": "tar_error"}
+        yield {
+            "key": f"{posixpath.basename(url)}:tar_error",
+            "source": url,
+            "offset": None,
+            "size": None,
+            "ext": None,
+            "image": None,
+            "caption": "",
+            "meta": "",
+            "error": "tar_error",
+        }
 
 
 def _parse_meta(text: str) -> dict | None:
@@ -515,7 +634,13 @@ def score_rows(rows: Sequence[Mapping[str, Any]], config: QualityConfig, iqa: Le
     out, todo = [], []
     for row in rows:
         rec = {k: row[k] for k in READ_SCHEMA.names if k != "image"}
-        rec |= dict.fromkeys(SCORE_NAMES) | {"sha256": None, "phash": None, "reasons": [], "reason": None, "passed": False}
+        rec |= dict.fromkeys(SCORE_NAMES) | {
+            "sha256": None,
+            "phash": None,
+            "reasons": [],
+            "reason": None,
+            "passed": False,
+        }
         meta = None if row["error"] else _parse_meta(row["meta"])
         if meta is None and not rec["error"]:
             rec["error"] = "bad_metadata"
@@ -581,11 +706,17 @@ def read_tars(source: str | Sequence[str], *, num_cpus: float = 0.25) -> ray.dat
 
     paths = list_tars(source)
     return ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths)).map_batches(
-        _read_tar_batch, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus)
+        _read_tar_batch, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus
+    )
 
 
-def score_quality(source: str | Sequence[str] | ray.data.Dataset, config: QualityConfig | None = None, *,
-                  concurrency: int | None = None, num_cpus: float = 0.5) -> ray.data.Dataset:
+def score_quality(
+    source: str | Sequence[str] | ray.data.Dataset,
+    config: QualityConfig | None = None,
+    *,
+    concurrency: int | None = None,
+    num_cpus: float = 0.5,
+) -> ray.data.Dataset:
     """Lazy dataset of every sample (kept and rejected) with scores, `reasons` and `passed`.
     `source` is what `list_tars` accepts, or a dataset from `read_tars`. Scoring actors take
     `num_cpus` each (fractional: whole-CPU actors starve the reads on small machines), one per
@@ -597,8 +728,14 @@ def score_quality(source: str | Sequence[str] | ray.data.Dataset, config: Qualit
     ensure_ray()
     ds = source if isinstance(source, ray.data.Dataset) else read_tars(source)
     concurrency = concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    return ds.map_batches(_Scorer, fn_constructor_args=(config or QualityConfig(),), batch_size=16,
-                          batch_format="pyarrow", num_cpus=num_cpus, compute=ray.data.ActorPoolStrategy(size=concurrency))
+    return ds.map_batches(
+        _Scorer,
+        fn_constructor_args=(config or QualityConfig(),),
+        batch_size=16,
+        batch_format="pyarrow",
+        num_cpus=num_cpus,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
+    )
 
 
 def split_quality(scored: ray.data.Dataset) -> tuple[ray.data.Dataset, dict[str, int]]:
@@ -611,8 +748,9 @@ def split_quality(scored: ray.data.Dataset) -> tuple[ray.data.Dataset, dict[str,
     return scored.filter(expr=col("passed")), dict(counts)
 
 
-def filter_quality(source: str | Sequence[str] | ray.data.Dataset, config: QualityConfig | None = None,
-                   **kwargs) -> tuple[ray.data.Dataset, dict[str, int]]:
+def filter_quality(
+    source: str | Sequence[str] | ray.data.Dataset, config: QualityConfig | None = None, **kwargs
+) -> tuple[ray.data.Dataset, dict[str, int]]:
     """Score every sample once (materialised: rows are small), then split. The counts sum to
     the rejected samples; a broken tar counts once as 'tar_error'. For score distributions over
     all samples, call `score_quality(...).materialize()` and `split_quality` yourself."""

@@ -1,7 +1,9 @@
 """Start or join the Ray cluster every pipeline stage, training run and server runs on."""
+
 from __future__ import annotations
 
 import os
+import socket
 
 import ray
 from ray._private import ray_constants
@@ -36,7 +38,14 @@ def ensure_ray(num_cpus: int | None = None, include_dashboard: bool = False) -> 
         try:
             ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=include_dashboard)
             return
-        except Exception:  # noqa: BLE001 -- Ray raises a bare Exception on a start-up timeout
+        except Exception:
             ray.shutdown()
             if attempt == 2:
                 raise
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server started next)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -24,6 +24,7 @@ its original only in those metadata. Survivors are native photos at least 512 px
 side, never upscaled; degradations are strong enough to be unambiguous (Gaussian blur sigma 4,
 JPEG quality 8, Gaussian noise sigma 30/255, a near-constant image).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,7 +50,13 @@ STAGES = ("prefilter", "download", "quality", "dedup")
 SEED = 20240229
 # Photos in the scikit-image wheel (read as files: importing skimage.io takes seconds).
 SKIMAGE_FILES = (
-    "astronaut.png", "ihc.png", "coffee.png", "camera.png", "hubble_deep_field.jpg", "rocket.jpg", "retina.jpg"
+    "astronaut.png",
+    "ihc.png",
+    "coffee.png",
+    "camera.png",
+    "hubble_deep_field.jpg",
+    "rocket.jpg",
+    "retina.jpg",
 )
 
 # The columns LAION publishes (laion2B-en joined with its safety, watermark and aesthetic scores).
@@ -90,7 +97,7 @@ class SampleServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_GET(self) -> None:
                 route, _, name = urlsplit(self.path).path.lstrip("/").partition("/")
                 path = server.root / name
                 if route not in ("img", "slow") or "/" in name or not path.is_file():
@@ -181,7 +188,9 @@ class _Variant:
 
 def _jpeg(img: np.ndarray | Image.Image, quality: int = 95) -> bytes:
     buf = io.BytesIO()
-    (img if isinstance(img, Image.Image) else Image.fromarray(np.ascontiguousarray(img))).save(buf, "JPEG", quality=quality)
+    (img if isinstance(img, Image.Image) else Image.fromarray(np.ascontiguousarray(img))).save(
+        buf, "JPEG", quality=quality
+    )
     return buf.getvalue()
 
 
@@ -248,7 +257,9 @@ def _variants() -> list[_Variant]:
         V("coffee_mislabelled", "coffee", "download:too_small", _jpeg(coffee), "A cup of coffee", claimed=(1200, 800)),
     ]
     if china:
-        download.append(V("china_mislabelled", "china", "download:too_small", china, "Temple roofs", claimed=(1280, 854)))
+        download.append(
+            V("china_mislabelled", "china", "download:too_small", china, "Temple roofs", claimed=(1280, 854))
+        )
     quality = [
         V("blur", "astronaut", "quality:blur", _jpeg(blurred), "Astronaut portrait, soft focus"),
         V("jpeg", "ihc", "quality:jpeg", _jpeg(ihc, quality=8), "Tissue micrograph, heavily compressed"),
@@ -256,22 +267,66 @@ def _variants() -> list[_Variant]:
         V("flat", "-", "quality:flat", _jpeg(flat), "Plain light grey background"),
     ]
     dedup = [
-        V("astronaut_copy", "astronaut", "dedup:exact", astronaut_jpg, "Astronaut, mirrored site", duplicate_of="astronaut",
-          meta=dup),
+        V(
+            "astronaut_copy",
+            "astronaut",
+            "dedup:exact",
+            astronaut_jpg,
+            "Astronaut, mirrored site",
+            duplicate_of="astronaut",
+            meta=dup,
+        ),
         V("camera_near", "camera", "dedup:near", _jpeg(camera_edit, 85), "Cameraman", duplicate_of="camera", meta=dup),
-        V("ihc_near", "ihc", "dedup:near", _jpeg(Image.open(io.BytesIO(ihc_jpg)), 80), "Tissue", duplicate_of="ihc", meta=dup),
+        V(
+            "ihc_near",
+            "ihc",
+            "dedup:near",
+            _jpeg(Image.open(io.BytesIO(ihc_jpg)), 80),
+            "Tissue",
+            duplicate_of="ihc",
+            meta=dup,
+        ),
     ]
     # Rejected on metadata alone (never downloaded); the served files are honest all the same.
     prefilter = [
         V("astronaut_small", "astronaut", "prefilter:min_side", _jpeg(_scaled(astronaut, 0.5)), "Astronaut thumbnail"),
         V("rocket", "rocket", "prefilter:min_side", skimage["rocket.jpg"], "A rocket on the launch pad"),
         V("banner", "astronaut+ihc", "prefilter:aspect_ratio", _jpeg(banner), "Wide banner of four pictures"),
-        V("watermarked", "hubble", "prefilter:watermark", _jpeg(_watermarked(hubble)), "Stock photo", meta={"pwatermark": 0.93}),
-        V("nsfw", "ihc", "prefilter:nsfw", _jpeg(np.rot90(ihc, 2)), "Stands in for an unsafe picture", meta={"punsafe": 0.97}),
+        V(
+            "watermarked",
+            "hubble",
+            "prefilter:watermark",
+            _jpeg(_watermarked(hubble)),
+            "Stock photo",
+            meta={"pwatermark": 0.93},
+        ),
+        V(
+            "nsfw",
+            "ihc",
+            "prefilter:nsfw",
+            _jpeg(np.rot90(ihc, 2)),
+            "Stands in for an unsafe picture",
+            meta={"punsafe": 0.97},
+        ),
         V("low_aesthetic", "hubble", "prefilter:aesthetic", hubble_jpg, "Galaxies", meta={"aesthetic": 3.2}),
-        V("unscored", "retina", "prefilter:invalid_punsafe", skimage["retina.jpg"], "Retina fundus", meta={"punsafe": None}),
-        V("astronaut_again", "astronaut", "prefilter:duplicate_url", None, "astronaut", same_url_as="astronaut",
-          duplicate_of="astronaut", meta=dup),
+        V(
+            "unscored",
+            "retina",
+            "prefilter:invalid_punsafe",
+            skimage["retina.jpg"],
+            "Retina fundus",
+            meta={"punsafe": None},
+        ),
+        V(
+            "astronaut_again",
+            "astronaut",
+            "prefilter:duplicate_url",
+            None,
+            "astronaut",
+            same_url_as="astronaut",
+            duplicate_of="astronaut",
+            meta=dup,
+        ),
     ]
     if flower:
         prefilter.append(V("flower", "flower", "prefilter:min_side", flower, "Close-up of a flower"))
@@ -308,17 +363,30 @@ def build_sample(root: str | Path, base_url: str, slow_seconds: float = 30.0) ->
         scores = {"similarity": 0.33, "punsafe": 0.02, "pwatermark": 0.08, "aesthetic": 5.5, **v.meta}
         records.append(
             {
-                "URL": url, "TEXT": v.text, "WIDTH": width, "HEIGHT": height, "similarity": scores["similarity"],
-                "hash": hashes[v.name], "punsafe": scores["punsafe"], "pwatermark": scores["pwatermark"],
+                "URL": url,
+                "TEXT": v.text,
+                "WIDTH": width,
+                "HEIGHT": height,
+                "similarity": scores["similarity"],
+                "hash": hashes[v.name],
+                "punsafe": scores["punsafe"],
+                "pwatermark": scores["pwatermark"],
                 "AESTHETIC_SCORE": scores["aesthetic"],
             }
         )
         served = "slow" if v.route == "slow" else "ok" if file else "missing"
         rows.append(
             {
-                "row": i, "part": int(i >= half), "hash": hashes[v.name], "url": url, "variant": v.name,
-                "source": v.source, "file": str(file.relative_to(root)) if file else None, "served": served,
-                "size": list(size) if size else None, "fate": v.fate,
+                "row": i,
+                "part": int(i >= half),
+                "hash": hashes[v.name],
+                "url": url,
+                "variant": v.name,
+                "source": v.source,
+                "file": str(file.relative_to(root)) if file else None,
+                "served": served,
+                "size": list(size) if size else None,
+                "fate": v.fate,
                 "duplicate_of": hashes[v.duplicate_of] if v.duplicate_of else None,
             }
         )
@@ -343,7 +411,9 @@ def embedded_sample(root: str | Path, slow_seconds: float = 30.0, port: int = 0)
     try:
         server = SampleServer(Path(root) / "www", slow_seconds, port)
     except OSError as e:
-        raise RuntimeError(f"cannot serve the sample on 127.0.0.1:{port} ({e}): free the port (a rerun needs the "
-                           "one it had before) or use another port / a new output directory") from e
+        raise RuntimeError(
+            f"cannot serve the sample on 127.0.0.1:{port} ({e}): free the port (a rerun needs the "
+            "one it had before) or use another port / a new output directory"
+        ) from e
     with server:
         yield build_sample(root, server.base_url, slow_seconds)

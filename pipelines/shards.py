@@ -9,6 +9,7 @@ renamed (local: fsync + os.replace; object stores: the upload completes under th
 then a server-side move commits it). Readers globbing `*.tar` never see a partial shard, and the
 index appears last, only when every shard was written.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,11 +22,12 @@ import sys
 import tarfile
 import uuid
 from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import TYPE_CHECKING, Any, BinaryIO, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import fsspec
 import numpy as np
@@ -40,8 +42,16 @@ if TYPE_CHECKING:
     import ray.data
 
 INDEX_SCHEMA = pa.schema(
-    [("key", pa.string()), ("shard", pa.string()), ("url", pa.string()), ("caption", pa.string()),
-     ("sha256", pa.string()), ("phash", pa.string())] + list(SCORE_TYPES.items()))
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("sha256", pa.string()),
+        ("phash", pa.string()),
+    ]
+    + list(SCORE_TYPES.items())
+)
 
 
 class ShardConfig(BaseModel):
@@ -124,9 +134,18 @@ def _sample(rec: Mapping[str, Any], data: bytes) -> tuple[str, dict[str, bytes]]
 
 
 def _index_rows(samples: list[tuple[Mapping[str, Any], bytes]], shard: str) -> pa.Table:
-    rows = [{"key": r["key"], "shard": shard, "url": json.loads(r["meta"]).get("url"), "caption": r["caption"],
-             "sha256": r["sha256"], "phash": r["phash"], **{n: _plain(r.get(n)) for n in SCORE_NAMES}}
-            for r, _ in samples]
+    rows = [
+        {
+            "key": r["key"],
+            "shard": shard,
+            "url": json.loads(r["meta"]).get("url"),
+            "caption": r["caption"],
+            "sha256": r["sha256"],
+            "phash": r["phash"],
+            **{n: _plain(r.get(n)) for n in SCORE_NAMES},
+        }
+        for r, _ in samples
+    ]
     return pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
 
 
@@ -135,8 +154,9 @@ def _write_shard(fs: fsspec.AbstractFileSystem, path: str, samples: list[tuple[M
         write_tar(f, (_sample(rec, data) for rec, data in samples))
 
 
-def write_shards(records: Iterable[Mapping[str, Any]] | ray.data.Dataset, output: str,
-                 config: ShardConfig | None = None) -> ShardsResult:
+def write_shards(
+    records: Iterable[Mapping[str, Any]] | ray.data.Dataset, output: str, config: ShardConfig | None = None
+) -> ShardsResult:
     """Write kept quality-stage rows (`pipelines.quality.SCORED_SCHEMA` columns) as shards of
     exactly `samples_per_shard` samples (the last one smaller) into `output`, a local directory
     or fsspec URL. Rows are written in the order given; a Ray dataset is first sorted by
@@ -153,9 +173,11 @@ def write_shards(records: Iterable[Mapping[str, Any]] | ray.data.Dataset, output
 
     shards, rejected, n_in = [], Counter(), 0
     records = iter(records)
-    with ThreadPoolExecutor(config.workers) as pool, \
-            atomic_write(fs, f"{root}/index.parquet") as index_file, \
-            pq.ParquetWriter(index_file, INDEX_SCHEMA) as index:
+    with (
+        ThreadPoolExecutor(config.workers) as pool,
+        atomic_write(fs, f"{root}/index.parquet") as index_file,
+        pq.ParquetWriter(index_file, INDEX_SCHEMA) as index,
+    ):
         pending, buffer = deque(), []
 
         def flush(samples: list) -> None:
@@ -174,8 +196,8 @@ def write_shards(records: Iterable[Mapping[str, Any]] | ray.data.Dataset, output
                 else:
                     buffer.append((rec, data))
             while len(buffer) >= config.samples_per_shard:
-                flush(buffer[:config.samples_per_shard])
-                buffer = buffer[config.samples_per_shard:]
+                flush(buffer[: config.samples_per_shard])
+                buffer = buffer[config.samples_per_shard :]
         if buffer:
             flush(buffer)
         for future in pending:

@@ -11,14 +11,16 @@ and rejected), or a uniform sample of them at scale; failed-check counts are exa
     write_report(out, [StageStats("quality", scored.count(), kept.count(), rejected), ...],
                  scores, config.thresholds(), failed, scored.count())
 """
+
 from __future__ import annotations
 
 import io
 import json
 import math
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import numpy as np
@@ -53,9 +55,14 @@ def _numeric(scores: pd.DataFrame) -> dict[str, np.ndarray]:
 
 def score_distributions(scores: pd.DataFrame) -> dict[str, dict[str, Any]]:
     """For each numeric column: count of finite values, mean and QUANTILES."""
-    return {name: {"count": int(v.size), "mean": float(v.mean()),
-                   "quantiles": {str(q): float(x) for q, x in zip(QUANTILES, np.quantile(v, QUANTILES))}}
-            for name, v in _numeric(scores).items()}
+    return {
+        name: {
+            "count": int(v.size),
+            "mean": float(v.mean()),
+            "quantiles": {str(q): float(x) for q, x in zip(QUANTILES, np.quantile(v, QUANTILES))},
+        }
+        for name, v in _numeric(scores).items()
+    }
 
 
 def count_failed_checks(rows: Iterable[Mapping[str, Any]]) -> dict[str, int]:
@@ -63,8 +70,9 @@ def count_failed_checks(rows: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     return dict(Counter(r for row in rows for r in row["reasons"]).most_common())
 
 
-def summarize_scored(scored: ray.data.Dataset, columns: Sequence[str], max_rows: int,
-                     seed: int = 0) -> tuple[pd.DataFrame, dict[str, int]]:
+def summarize_scored(
+    scored: ray.data.Dataset, columns: Sequence[str], max_rows: int, seed: int = 0
+) -> tuple[pd.DataFrame, dict[str, int]]:
     """The quality stage's scored rows (materialised) → (`columns` of a uniform sample of about
     `max_rows` rows, or of all rows if there are no more; `count_failed_checks` over all rows,
     streamed), so that the driver never holds every row."""
@@ -75,9 +83,13 @@ def summarize_scored(scored: ray.data.Dataset, columns: Sequence[str], max_rows:
     return sample.to_pandas(), failed
 
 
-def build_report(stages: Sequence[StageStats], scores: pd.DataFrame | None = None,
-                 thresholds: Thresholds | None = None, failed_checks: Mapping[str, int] | None = None,
-                 scores_of: int | None = None) -> dict[str, Any]:
+def build_report(
+    stages: Sequence[StageStats],
+    scores: pd.DataFrame | None = None,
+    thresholds: Thresholds | None = None,
+    failed_checks: Mapping[str, int] | None = None,
+    scores_of: int | None = None,
+) -> dict[str, Any]:
     """`scores`: score columns of the assessed samples (kept and rejected), all of them or a
     uniform sample of `scores_of`; `failed_checks`: `count_failed_checks` over all of them.
     `consistent` is true when each stage's rejections account for its losses and each stage
@@ -100,32 +112,56 @@ def build_report(stages: Sequence[StageStats], scores: pd.DataFrame | None = Non
 
 def summary_markdown(report: Mapping[str, Any]) -> str:
     total = report["total"]
-    lines = ["# Data pipeline report", "",
-             f"{total['in']} samples in, {total['out']} out "
-             f"({100 * total['out'] / max(total['in'], 1):.1f} % kept). "
-             f"Counts consistent: {'yes' if report['consistent'] else 'NO'}.", "",
-             "| stage | in | out | rejected | kept % |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        "# Data pipeline report",
+        "",
+        f"{total['in']} samples in, {total['out']} out "
+        f"({100 * total['out'] / max(total['in'], 1):.1f} % kept). "
+        f"Counts consistent: {'yes' if report['consistent'] else 'NO'}.",
+        "",
+        "| stage | in | out | rejected | kept % |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for s in report["stages"]:
-        lines.append(f"| {s['name']} | {s['n_in']} | {s['n_out']} | {s['n_in'] - s['n_out']} | "
-                     f"{100 * s['n_out'] / max(s['n_in'], 1):.1f} |")
+        lines.append(
+            f"| {s['name']} | {s['n_in']} | {s['n_out']} | {s['n_in'] - s['n_out']} | "
+            f"{100 * s['n_out'] / max(s['n_in'], 1):.1f} |"
+        )
     lines += ["", "## Rejections by reason", "", "| stage | reason | count | % of stage input |", "|---|---|---:|---:|"]
     for s in report["stages"]:
         for reason, n in sorted(s["rejected"].items(), key=lambda kv: -kv[1]):
             lines.append(f"| {s['name']} | {reason} | {n} | {100 * n / max(s['n_in'], 1):.1f} |")
     if report["failed_checks"]:
-        lines += ["", "Every failed check (a sample can fail several): "
-                  + ", ".join(f"{k} {v}" for k, v in report["failed_checks"].items()) + "."]
+        lines += [
+            "",
+            "Every failed check (a sample can fail several): "
+            + ", ".join(f"{k} {v}" for k, v in report["failed_checks"].items())
+            + ".",
+        ]
     if report["scores"]:
         sampled = report["scores_sampled"]
-        over = f"a uniform sample of {sampled['rows']} of the {sampled['of']} assessed samples" \
-            if sampled["rows"] < sampled["of"] else "every assessed sample"
-        lines += ["", "## Score distributions", "", f"Over {over}.", "",
-                  "| score | n | p1 | p5 | median | p95 | p99 | thresholds |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+        over = (
+            f"a uniform sample of {sampled['rows']} of the {sampled['of']} assessed samples"
+            if sampled["rows"] < sampled["of"]
+            else "every assessed sample"
+        )
+        lines += [
+            "",
+            "## Score distributions",
+            "",
+            f"Over {over}.",
+            "",
+            "| score | n | p1 | p5 | median | p95 | p99 | thresholds |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
         for name, d in report["scores"].items():
             q = d["quantiles"]
             limits = ", ".join(f"{b} {v:g}" for b, v in report["thresholds"].get(name, []))
-            lines.append(f"| {name} | {d['count']} | " + " | ".join(f"{q[k]:.4g}" for k in ("0.01", "0.05", "0.5", "0.95", "0.99"))
-                         + f" | {limits} |")
+            lines.append(
+                f"| {name} | {d['count']} | "
+                + " | ".join(f"{q[k]:.4g}" for k in ("0.01", "0.05", "0.5", "0.95", "0.99"))
+                + f" | {limits} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -149,7 +185,7 @@ def plot_histograms(scores: pd.DataFrame, thresholds: Thresholds | None = None) 
             ax.legend(fontsize=7)
         ax.set_title(name, fontsize=9)
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(columns):]:
+    for ax in list(axes.flat)[len(columns) :]:
         ax.set_visible(False)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -158,14 +194,21 @@ def plot_histograms(scores: pd.DataFrame, thresholds: Thresholds | None = None) 
     return buf.getvalue()
 
 
-def write_report(output: str, stages: Sequence[StageStats], scores: pd.DataFrame | None = None,
-                 thresholds: Thresholds | None = None, failed_checks: Mapping[str, int] | None = None,
-                 scores_of: int | None = None) -> dict[str, str]:
+def write_report(
+    output: str,
+    stages: Sequence[StageStats],
+    scores: pd.DataFrame | None = None,
+    thresholds: Thresholds | None = None,
+    failed_checks: Mapping[str, int] | None = None,
+    scores_of: int | None = None,
+) -> dict[str, str]:
     """Write stats.json, stats.md and (with scores) score_histograms.png; returns their URLs.
     The arguments are `build_report`'s."""
     report = build_report(stages, scores, thresholds, failed_checks, scores_of)
-    files = {"json": ("stats.json", json.dumps(report, indent=2).encode()),
-             "summary": ("stats.md", summary_markdown(report).encode())}
+    files = {
+        "json": ("stats.json", json.dumps(report, indent=2).encode()),
+        "summary": ("stats.md", summary_markdown(report).encode()),
+    }
     if scores is not None:
         files["histograms"] = ("score_histograms.png", plot_histograms(scores, thresholds))
     fs, root = fsspec.core.url_to_fs(output)

@@ -9,6 +9,7 @@ A replica serves the version the alias named when it loaded. It looks again ever
 `reload_interval_s` and on POST /v1/reload, loads a new version beside the old one and swaps:
 batches already running finish on the old one and say so in their headers.
 """
+
 # No `from __future__ import annotations` here: Serve rebuilds the route methods' signatures in
 # its own module, where FastAPI could not resolve string annotations (Request would become a query).
 import asyncio
@@ -177,7 +178,9 @@ class RestorationService:
         self._authorize(credentials)
         return {"requested_uri": self.cfg.model_uri, **self.model.describe(), "defaults": self.cfg.defaults}
 
-    @api.get("/v1/stats", summary="This replica's batches: sizes seen, pipeline calls, restore time, requests restoring now")
+    @api.get(
+        "/v1/stats", summary="This replica's batches: sizes seen, pipeline calls, restore time, requests restoring now"
+    )
     async def stats_info(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
         self._authorize(credentials)
         return {"replica": serve.get_replica_context().replica_id.unique_id, **self.stats.summary()}
@@ -185,7 +188,10 @@ class RestorationService:
     @api.post(
         "/v1/reload",
         summary="Load the version the configured URI names now (after the alias moved)",
-        responses={401: _error("missing or wrong bearer token"), 409: _error("the registry cannot resolve the model URI")},
+        responses={
+            401: _error("missing or wrong bearer token"),
+            409: _error("the registry cannot resolve the model URI"),
+        },
     )
     async def reload(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
         """Reloads this replica; other replicas follow within reload_interval_s (or redeploy)."""
@@ -198,7 +204,9 @@ class RestorationService:
         return {"previous": previous, "version": self.model.version, "uri": self.model.info["uri"], "changed": changed}
 
     @api.post("/v1/restore", **RESTORE_DOC)
-    async def restore(self, request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Response:
+    async def restore(
+        self, request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
+    ) -> Response:
         self._authorize(credentials)
         media_type = negotiate(request.headers.get("accept"))
         body = await read_body(request.headers, request.stream(), self.cfg.max_body_bytes)
@@ -258,7 +266,7 @@ class RestorationService:
             await asyncio.sleep(self.cfg.reload_interval_s)
             try:
                 await self._refresh()
-            except Exception:  # noqa: BLE001 -- a registry outage must not stop the serving replica
+            except Exception:
                 logger.exception("checking %s failed; still serving v%s", self.cfg.model_uri, self.model.version)
 
 

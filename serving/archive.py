@@ -39,6 +39,7 @@ their header before decoding, and output names are the sanitised relative paths.
 Seeds: member `path` uses seed + (a stable hash of path), so fresh and resumed runs agree, and
 images are batched only with images of the same working size, so batch mates change nothing.
 """
+
 from __future__ import annotations
 
 import base64
@@ -58,9 +59,10 @@ import time
 import uuid
 import zipfile
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import BinaryIO, Iterator, Literal
+from typing import BinaryIO, Literal
 
 import cv2
 import fsspec
@@ -84,10 +86,15 @@ from pipelines.ray_env import ensure_ray
 from pipelines.shards import atomic_write
 from training import registry
 
-
 ARCHIVE_SUFFIXES = {  # longest first
-    ".tar.gz": "tar.gz", ".tgz": "tar.gz", ".tar.bz2": "tar.bz2", ".tbz2": "tar.bz2", ".tar.xz": "tar.xz",
-    ".txz": "tar.xz", ".tar": "tar", ".zip": "zip",
+    ".tar.gz": "tar.gz",
+    ".tgz": "tar.gz",
+    ".tar.bz2": "tar.bz2",
+    ".tbz2": "tar.bz2",
+    ".tar.xz": "tar.xz",
+    ".txz": "tar.xz",
+    ".tar": "tar",
+    ".zip": "zip",
 }
 TAR_COMPRESSION = {"tar": "", "tar.gz": "gz", "tar.bz2": "bz2", "tar.xz": "xz"}  # tarfile's stream modes r|… and w|…
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")  # what encode_image writes back
@@ -108,7 +115,9 @@ class ArchiveConfig(RestoreOptions):
     batch_size: int = Field(4, ge=1, description="images per actor call")
     concurrency: int = Field(1, ge=1, description="actors in the pool, each holding one model copy")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor (0: run on CPU)")
-    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per actor; on CPU torch uses this many threads, rounded up")
+    cpus_per_actor: float = Field(
+        1.0, gt=0, description="CPUs per actor; on CPU torch uses this many threads, rounded up"
+    )
     jpeg_quality: int = Field(95, ge=1, le=100, description="quality of JPEG and WebP outputs")
     max_member_bytes: int = Field(512 << 20, ge=1, description="skip members declaring more bytes than this")
     max_total_bytes: int = Field(256 << 30, ge=1, description="skip everything once the declared sizes add up to more")
@@ -126,7 +135,7 @@ class ArchiveError(Exception):
     """The run cannot go on: an unreadable or oversized archive, a mismatched rerun."""
 
 
-class MemberRefused(Exception):
+class MemberRefusedError(Exception):
     """One member cannot be used; the message is the manifest's reason."""
 
 
@@ -213,11 +222,7 @@ def _list_zip(fs, root: str, kind: str, cfg: ArchiveConfig) -> Iterator[Member]:
         if info.is_dir():
             continue
         mode = info.external_attr >> 16
-        reason = (
-            "symbolic link" if mode & 0o170000 == 0o120000
-            else "encrypted" if info.flag_bits & 0x1
-            else None
-        )  # fmt: skip
+        reason = "symbolic link" if mode & 0o170000 == 0o120000 else "encrypted" if info.flag_bits & 0x1 else None
         yield Member(ordinal, info.filename, info.file_size, _zip_mtime(info), reason=reason)
 
 
@@ -236,11 +241,14 @@ def _list_tar(fs, root: str, kind: str, cfg: ArchiveConfig) -> Iterator[Member]:
             if info.isdir():
                 continue
             reason = (
-                None if info.isreg()
-                else "symbolic link" if info.issym()
-                else "hard link" if info.islnk()
+                None
+                if info.isreg()
+                else "symbolic link"
+                if info.issym()
+                else "hard link"
+                if info.islnk()
                 else "special file (device or FIFO)"
-            )  # fmt: skip
+            )
             yield Member(ordinal, info.name, info.size, info.mtime, info.offset, reason=reason)
             declared += info.size
             if declared > cfg.max_total_bytes:
@@ -289,7 +297,9 @@ def _screen(members: Iterator[Member], cfg: ArchiveConfig) -> list[Member]:
 # Reading members lazily
 
 
-def read_members(url: str, kind: str, members: list[Member]) -> Iterator[tuple[Member, bytes | None, str | None, float]]:
+def read_members(
+    url: str, kind: str, members: list[Member]
+) -> Iterator[tuple[Member, bytes | None, str | None, float]]:
     """(member, its bytes or None, why not, seconds) for each member, in archive order; `members`
     must be in archive order. Never reads more than a member declared."""
     if not members:
@@ -318,7 +328,7 @@ def _read_tar(f: BinaryIO, kind: str, members: list[Member], ordinal: int):
         for i, info in enumerate(_tar_entries(tar)):
             m = wanted.pop(ordinal + i, None)
             if m is not None:
-                yield _timed_read(m, lambda: tar.extractfile(info))
+                yield _timed_read(m, lambda info=info: tar.extractfile(info))
             if not wanted:
                 return
     for m in wanted.values():  # the archive ended early
@@ -331,7 +341,7 @@ def _timed_read(m: Member, open_member) -> tuple[Member, bytes | None, str | Non
         with open_member() as f:
             data = read_declared(f, m.size)
         return m, data, None, time.perf_counter() - start
-    except (MemberRefused, zipfile.BadZipFile, tarfile.TarError, NotImplementedError, EOFError, ValueError) as e:
+    except (MemberRefusedError, zipfile.BadZipFile, tarfile.TarError, NotImplementedError, EOFError, ValueError) as e:
         return m, None, f"unreadable: {e}", time.perf_counter() - start
 
 
@@ -340,14 +350,20 @@ def read_declared(f: BinaryIO, size: int) -> bytes:
     grew since it was listed) is refused after size + 1 bytes, and so is less."""
     data = f.read(size + 1)
     if len(data) > size:
-        raise MemberRefused(f"holds more than its declared {size:,} bytes")
+        raise MemberRefusedError(f"holds more than its declared {size:,} bytes")
     if len(data) < size:
-        raise MemberRefused(f"truncated: {len(data):,} of {size:,} bytes")
+        raise MemberRefusedError(f"truncated: {len(data):,} of {size:,} bytes")
     return data
 
 
 READ_SCHEMA = pa.schema(
-    [("ordinal", pa.int64()), ("path", pa.string()), ("data", pa.large_binary()), ("reason", pa.string()), ("read_s", pa.float64())]
+    [
+        ("ordinal", pa.int64()),
+        ("path", pa.string()),
+        ("data", pa.large_binary()),
+        ("reason", pa.string()),
+        ("read_s", pa.float64()),
+    ]
 )
 
 
@@ -369,9 +385,13 @@ class MemberSource(Datasource):
         tasks = []
         for lo in range(0, len(self.members), step):
             chunk = self.members[lo : lo + step]
-            meta = BlockMetadata(num_rows=len(chunk), size_bytes=sum(m.size for m in chunk), input_files=None, exec_stats=None)
+            meta = BlockMetadata(
+                num_rows=len(chunk), size_bytes=sum(m.size for m in chunk), input_files=None, exec_stats=None
+            )
             # a function of its own chunk only: a task must not carry every member of the archive
-            tasks.append(ReadTask(functools.partial(_read_blocks, self.url, self.kind, chunk, self.rows_per_block), meta))
+            tasks.append(
+                ReadTask(functools.partial(_read_blocks, self.url, self.kind, chunk, self.rows_per_block), meta)
+            )
         return tasks
 
 
@@ -391,11 +411,18 @@ def _read_blocks(url: str, kind: str, chunk: list[Member], rows_per_block: int) 
 
 RESULT_SCHEMA = pa.schema(
     [
-        ("ordinal", pa.int64()), ("status", pa.string()), ("reason", pa.string()), ("error", pa.string()),
-        ("seed", pa.int64()), ("width", pa.int64()), ("height", pa.int64()),
-        ("read_s", pa.float64()), ("restore_s", pa.float64()), ("data", pa.large_binary()),
+        ("ordinal", pa.int64()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("error", pa.string()),
+        ("seed", pa.int64()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("read_s", pa.float64()),
+        ("restore_s", pa.float64()),
+        ("data", pa.large_binary()),
     ]
-)  # fmt: skip
+)
 
 
 class Restorer:
@@ -417,11 +444,15 @@ class Restorer:
         results, groups = [], defaultdict(list)
         for row in batch.to_pylist():
             seed = seed_for(row["path"], self.opts.seed)
-            result = dict(ordinal=row["ordinal"], seed=seed, read_s=row["read_s"], status="skipped", reason=row["reason"])
+            result = dict(
+                ordinal=row["ordinal"], seed=seed, read_s=row["read_s"], status="skipped", reason=row["reason"]
+            )
             if row["data"] is not None:
                 try:
                     image, info = decode_image(row["data"], row["path"], self.max_pixels)
-                    groups[canvas_size(image.shape[0], image.shape[1], self.opts)].append((result, image, info, row["path"]))
+                    groups[canvas_size(image.shape[0], image.shape[1], self.opts)].append(
+                        (result, image, info, row["path"])
+                    )
                     continue
                 except ImageError as e:
                     result["reason"] = str(e)
@@ -443,7 +474,10 @@ class Restorer:
             return [r | dict(status="failed", reason="restoration raised an error", error=error) for r, *_ in group]
         seconds = (time.perf_counter() - start) / len(group)
         return [
-            r | dict(status="restored", reason=None, data=data, height=out.shape[0], width=out.shape[1], restore_s=seconds)
+            r
+            | dict(
+                status="restored", reason=None, data=data, height=out.shape[0], width=out.shape[1], restore_s=seconds
+            )
             for (r, *_), out, data in zip(group, outputs, encoded)
         ]
 
@@ -468,7 +502,8 @@ class Parts:
             if earlier != fingerprint:
                 changed = sorted(k for k in fingerprint if earlier.get(k) != fingerprint[k])
                 raise ArchiveError(
-                    f"{self.root} holds parts of a run with another {', '.join(changed)}; rerun with --overwrite to start afresh"
+                    f"{self.root} holds parts of a run with another {', '.join(changed)}; "
+                    "rerun with --overwrite to start afresh"
                 )
             return
         self.fs.makedirs(f"{self.root}/files", exist_ok=True)
@@ -531,7 +566,9 @@ def write_output(fs, path: str, kind: str, restored: list[tuple[Member, str]], p
         if kind == "zip":
             with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:  # images are compressed already
                 for m, part in restored:
-                    info = zipfile.ZipInfo(m.path, time.localtime(max(m.mtime, 315532800))[:6])  # zip dates start in 1980
+                    info = zipfile.ZipInfo(
+                        m.path, time.localtime(max(m.mtime, 315532800))[:6]
+                    )  # zip dates start in 1980
                     info.external_attr = 0o644 << 16
                     zf.writestr(info, parts.fs.cat_file(part))
         else:
@@ -545,12 +582,24 @@ def write_output(fs, path: str, kind: str, restored: list[tuple[Member, str]], p
 
 MANIFEST_SCHEMA = pa.schema(
     [
-        ("path", pa.string()), ("output", pa.string()), ("status", pa.string()), ("reason", pa.string()),
-        ("error", pa.string()), ("model_uri", pa.string()), ("model_version", pa.string()), ("options", pa.string()),
-        ("seed", pa.int64()), ("size", pa.int64()), ("width", pa.int64()), ("height", pa.int64()),
-        ("read_s", pa.float64()), ("restore_s", pa.float64()), ("run_id", pa.string()), ("finished_at", pa.string()),
+        ("path", pa.string()),
+        ("output", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("error", pa.string()),
+        ("model_uri", pa.string()),
+        ("model_version", pa.string()),
+        ("options", pa.string()),
+        ("seed", pa.int64()),
+        ("size", pa.int64()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("read_s", pa.float64()),
+        ("restore_s", pa.float64()),
+        ("run_id", pa.string()),
+        ("finished_at", pa.string()),
     ]
-)  # fmt: skip
+)
 
 
 RECORD_FIELDS = ("status", "reason", "error", "seed", "width", "height", "read_s", "restore_s", "run_id", "finished_at")
@@ -593,9 +642,12 @@ def write_contact_sheet(stem: str, pairs: list[tuple[str, bytes, bytes]]) -> lis
         y = 10 + i * (THUMB_HEIGHT + 30)
         canvas[y : y + THUMB_HEIGHT, 10 : 10 + before.shape[1]] = before
         canvas[y : y + THUMB_HEIGHT, 20 + before.shape[1] : 20 + before.shape[1] + after.shape[1]] = after
-        cv2.putText(canvas, path[-60:], (10, y + THUMB_HEIGHT + 20), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(
+            canvas, path[-60:], (10, y + THUMB_HEIGHT + 20), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA
+        )
         cells.append(
-            f"<tr><td>{html.escape(path)}</td><td><img src='{_data_uri(before)}'></td><td><img src='{_data_uri(after)}'></td></tr>"
+            f"<tr><td>{html.escape(path)}</td><td><img src='{_data_uri(before)}'></td>"
+            f"<td><img src='{_data_uri(after)}'></td></tr>"
         )
     page = (
         "<!doctype html><meta charset='utf-8'><title>before / after</title>"
@@ -666,10 +718,21 @@ def restore_archive(cfg: ArchiveConfig) -> dict:
     counts = {s: sum(r["status"] == s for r in rows) for s in ("restored", "skipped", "failed")}
     restored_now = sum(1 for r in rows if r["run_id"] == run_id and r["status"] == "restored")
     return dict(
-        input=cfg.input, output=cfg.output, kind=kind, model_uri=model["uri"], model_version=model["version"],
-        members=len(rows), **counts, restored_this_run=restored_now, resumed=len(done), seconds=round(seconds, 2),
-        images_per_s=round(restored_now / seconds, 4), manifest=manifest, contact_sheet=contact, run_id=run_id,
-    )  # fmt: skip
+        input=cfg.input,
+        output=cfg.output,
+        kind=kind,
+        model_uri=model["uri"],
+        model_version=model["version"],
+        members=len(rows),
+        **counts,
+        restored_this_run=restored_now,
+        resumed=len(done),
+        seconds=round(seconds, 2),
+        images_per_s=round(restored_now / seconds, 4),
+        manifest=manifest,
+        contact_sheet=contact,
+        run_id=run_id,
+    )
 
 
 def check_paths(cfg: ArchiveConfig) -> str:
@@ -695,13 +758,18 @@ def _run(cfg: ArchiveConfig, kind: str, model: dict, todo: list[Member], parts: 
         Restorer,
         fn_constructor_kwargs=dict(
             # the driver's store and cache: the actors' environment was fixed when Ray started
-            model_uri=model["uri"], tracking_uri=mlflow.get_tracking_uri(),
+            model_uri=model["uri"],
+            tracking_uri=mlflow.get_tracking_uri(),
             cache_dir=cfg.cache_dir or os.environ.get(registry.CACHE_ENV),
-            options=cfg.options().model_dump(), cfg=cfg.model_dump(),
+            options=cfg.options().model_dump(),
+            cfg=cfg.model_dump(),
         ),
-        batch_size=cfg.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
-    )  # fmt: skip
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        num_cpus=cfg.cpus_per_actor,
+        num_gpus=cfg.gpus_per_actor,
+    )
     # closing the iterator stops the execution (its actors too) when this loop ends early
     batches = contextlib.closing(iter(ds.iter_batches(batch_size=None, batch_format="pyarrow")))
     with batches as blocks, tqdm(total=len(todo), unit="img", desc="restore archive") as bar:
@@ -710,7 +778,9 @@ def _run(cfg: ArchiveConfig, kind: str, model: dict, todo: list[Member], parts: 
             bar.update(block.num_rows)
 
 
-def _contact_pairs(url: str, kind: str, restored: list[tuple[Member, str]], parts: Parts) -> Iterator[tuple[str, bytes, bytes]]:
+def _contact_pairs(
+    url: str, kind: str, restored: list[tuple[Member, str]], parts: Parts
+) -> Iterator[tuple[str, bytes, bytes]]:
     """(path, input bytes, output bytes) of `restored`, read again from the archive."""
     part_of = dict(restored)
     for m, data, _, _ in read_members(url, kind, list(part_of)):

@@ -5,6 +5,7 @@
 Values come from the YAML file first, then from the flags (diffbir.config.parse_config); every
 flag is a field. Dict and nested fields take JSON (`--defaults '{"steps": 25}'`).
 """
+
 from __future__ import annotations
 
 import os
@@ -35,10 +36,19 @@ class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # the model
-    model_uri: str = Field("models:/diffbir@champion", description="models:/<name>@<alias>, models:/<name>/<version> or a platform model directory")
-    tracking_dir: str = Field("runs/mlflow", description="local MLflow store (MLFLOW_TRACKING_URI, where the app is built, wins)")
-    cache_dir: str | None = Field(None, description="downloaded versions (default $DIFFBIR_MODEL_CACHE or ~/.cache/diffbir/models)")
-    reload_interval_s: float = Field(60, ge=0, description="seconds between checks of the alias (0: only POST /v1/reload)")
+    model_uri: str = Field(
+        "models:/diffbir@champion",
+        description="models:/<name>@<alias>, models:/<name>/<version> or a platform model directory",
+    )
+    tracking_dir: str = Field(
+        "runs/mlflow", description="local MLflow store (MLFLOW_TRACKING_URI, where the app is built, wins)"
+    )
+    cache_dir: str | None = Field(
+        None, description="downloaded versions (default $DIFFBIR_MODEL_CACHE or ~/.cache/diffbir/models)"
+    )
+    reload_interval_s: float = Field(
+        60, ge=0, description="seconds between checks of the alias (0: only POST /v1/reload)"
+    )
     device: str = Field("auto", description="torch device; auto: cuda when the replica has a GPU, else cpu")
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per replica (default: torch's choice)")
@@ -53,16 +63,24 @@ class ServeConfig(BaseModel):
     autoscaling: Autoscaling | None = Field(None, description="autoscaling bounds (JSON); null: num_replicas")
     num_cpus: float = Field(1, ge=0, description="CPUs each replica reserves")
     num_gpus: float = Field(0, ge=0, description="GPUs each replica reserves (fractions share one)")
-    max_ongoing_requests: int = Field(32, ge=1, description="requests one replica holds at once (at least max_batch_size)")
+    max_ongoing_requests: int = Field(
+        32, ge=1, description="requests one replica holds at once (at least max_batch_size)"
+    )
     max_queued_requests: int = Field(-1, ge=-1, description="requests waiting for a replica before 503 (-1: unbounded)")
-    graceful_shutdown_timeout_s: float = Field(120, ge=0, description="a replaced replica finishes its requests within this")
+    graceful_shutdown_timeout_s: float = Field(
+        120, ge=0, description="a replaced replica finishes its requests within this"
+    )
     max_batch_size: int = Field(8, ge=1, description="requests restored together")
     batch_wait_timeout_s: float = Field(0.05, ge=0, description="how long a batch waits to fill")
 
     # request limits
     max_body_bytes: int = Field(32 * 2**20, ge=1, description="request body size")
-    max_input_pixels: int = Field(4096 * 4096, ge=1, description="input width x height, checked on the header before decoding")
-    max_work_pixels: int = Field(4096 * 4096, ge=1, description="width x height the restoration works at (after upscale and min_side)")
+    max_input_pixels: int = Field(
+        4096 * 4096, ge=1, description="input width x height, checked on the header before decoding"
+    )
+    max_work_pixels: int = Field(
+        4096 * 4096, ge=1, description="width x height the restoration works at (after upscale and min_side)"
+    )
     max_steps: int = Field(100, ge=1, description="most sampling steps a request may ask for")
     auth_token: str | None = Field(None, description=f"bearer token for /v1 (default ${TOKEN_ENV}; none: no auth)")
 
@@ -73,14 +91,14 @@ class ServeConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _check(self) -> "ServeConfig":
+    def _check(self) -> ServeConfig:
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError("max_ongoing_requests must be at least max_batch_size, or batches never fill")
         if self.autoscaling and self.autoscaling.max_replicas < self.autoscaling.min_replicas:
             raise ValueError("autoscaling.max_replicas must be at least min_replicas")
         return self
 
-    def for_replicas(self) -> "ServeConfig":
+    def for_replicas(self) -> ServeConfig:
         """What this process's environment and working directory say, fixed for the replicas,
         which run in other processes (on other nodes): the token from $DIFFBIR_SERVE_TOKEN when
         the config sets none, local paths made absolute."""
@@ -97,7 +115,11 @@ class ServeConfig(BaseModel):
 
     def deployment_options(self) -> dict:
         """Ray Serve deployment options."""
-        scale = {"autoscaling_config": self.autoscaling.model_dump()} if self.autoscaling else {"num_replicas": self.num_replicas}
+        scale = (
+            {"autoscaling_config": self.autoscaling.model_dump()}
+            if self.autoscaling
+            else {"num_replicas": self.num_replicas}
+        )
         return dict(
             **scale,
             ray_actor_options={"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},

@@ -3,11 +3,12 @@
 Every refusal is an ApiError, which the app answers as JSON
 `{"error": <code>, "message": <text>[, "field": <first bad field>, "errors": [...]]}`.
 """
+
 from __future__ import annotations
 
 import io
 import warnings
-from typing import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 
 from PIL import Image
 from pydantic import ValidationError
@@ -62,7 +63,7 @@ def check_image_header(data: bytes, max_pixels: int) -> tuple[int, int]:
                 fmt, (w, h) = im.format, im.size
     except Image.DecompressionBombError as e:
         raise too_large(f"image too large: {e}") from e
-    except Exception as e:  # noqa: BLE001 -- PIL raises many types for data it cannot identify
+    except Exception as e:
         raise unsupported() from e
     if fmt not in SUPPORTED_FORMATS:
         raise unsupported(f"{fmt} images are not supported")
@@ -151,6 +152,8 @@ async def split_upload(headers: Mapping[str, str], body: bytes) -> tuple[bytes, 
         raise ApiError(400, "bad_multipart", f"malformed multipart body: {e.message}") from e
     file = form.get("file")
     if not isinstance(file, UploadFile):
-        raise ApiError(422, "missing_image", "no 'file' field with the image", [{"field": "file", "message": "required"}])
+        raise ApiError(
+            422, "missing_image", "no 'file' field with the image", [{"field": "file", "message": "required"}]
+        )
     fields = {k: v for k, v in form.multi_items() if k != "file" and isinstance(v, str)}
     return await file.read(), fields

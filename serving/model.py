@@ -1,10 +1,11 @@
 """The model a replica serves, and how one batch of requests is restored with it."""
+
 from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -46,7 +47,9 @@ class Job:
 def group_key(job: Job) -> tuple:
     """Jobs restored in one pipeline call: the same options but the seed, and the same canvas,
     so a result never depends on which requests shared its batch."""
-    return job.options.model_dump_json(exclude={"seed"}), canvas_size(job.image.shape[0], job.image.shape[1], job.options)
+    return job.options.model_dump_json(exclude={"seed"}), canvas_size(
+        job.image.shape[0], job.image.shape[1], job.options
+    )
 
 
 def restore_jobs(pipeline: RestorationPipeline, jobs: Sequence[Job]) -> list[np.ndarray | Exception]:

@@ -1,4 +1,6 @@
-"""Shared fixtures: the golden reference set named by DIFFBIR_GOLDEN."""
+"""Shared fixtures: the golden reference set (tests/golden/shared, or the one DIFFBIR_GOLDEN names),
+its tiny weights, a real MLflow store, and helpers the test modules share."""
+
 from __future__ import annotations
 
 import json
@@ -10,11 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-MANIFESTS = ROOT.parent / "shared" / "reference" / "manifests"
+MANIFESTS = ROOT / "tests" / "golden" / "manifests"
+TINY_FILES = ("sd21_tiny.safetensors", "ircontrolnet_tiny.safetensors", "swinir_tiny.safetensors")
 
 
 def golden_dir() -> Path:
-    return Path(os.environ.get("DIFFBIR_GOLDEN", ROOT.parent / "shared" / "reference" / "golden" / "shared"))
+    return Path(os.environ.get("DIFFBIR_GOLDEN", ROOT / "tests" / "golden" / "shared"))
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +26,24 @@ def golden() -> Path:
     if not (path / "set.json").is_file():
         pytest.fail(f"golden fixture set not found at {path} (set DIFFBIR_GOLDEN)")
     return path
+
+
+@pytest.fixture(scope="session")
+def golden_weights(golden, golden_set, tmp_path_factory) -> Path:
+    """The set's tiny weight files: stored in the set, or re-created from its weights manifest by
+    the key-based initialisation (bit-identical; test_checkpoints checks the sha256), plus the
+    `{"state_dict": {"module." + key}}` pickle of the SwinIR weights the set describes."""
+    stored = golden / "weights"
+    if all((stored / name).is_file() for name in TINY_FILES):
+        return stored
+    from diffbir.checkpoints.io import read_state_dict
+    from diffbir.checkpoints.tiny import write_keyed_files
+
+    out = tmp_path_factory.mktemp("golden_weights")
+    write_keyed_files(out, stored / "weights_manifest.json", golden_set["tiny_weights_init_salt"])
+    swinir = read_state_dict(out / "swinir_tiny.safetensors")
+    torch.save({"state_dict": {"module." + k: v for k, v in swinir.items()}}, out / "swinir_tiny_statedict_module.ckpt")
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +70,9 @@ def load_fixture(golden: Path, name: str) -> dict[str, torch.Tensor]:
     return load_file(str(golden / "fixtures" / f"{name}.safetensors"))
 
 
-def assert_close_golden(actual: torch.Tensor, golden: torch.Tensor, rtol: float, atol_rel: float, name: str = "") -> None:
+def assert_close_golden(
+    actual: torch.Tensor, golden: torch.Tensor, rtol: float, atol_rel: float, name: str = ""
+) -> None:
     """The README's acceptance rule: |a - g| <= atol + rtol*|g|, atol = atol_rel * max|g|."""
     actual = actual.detach().to(torch.float64).cpu()
     golden = golden.to(torch.float64)
@@ -63,6 +86,10 @@ def assert_close_golden(actual: torch.Tensor, golden: torch.Tensor, rtol: float,
         f"max|golden| {golden.abs().max().item():.3e})"
     )
 
+
+# Serving tests: the bearer token, and tiny work per request (64-pixel canvases, 2 steps).
+TOKEN = "s3cret-token"
+DEFAULTS = {"min_side": 64, "steps": 2, "cfg_scale": 1.0}
 
 # Tolerances from the golden README, section 7.
 SINGLE_EVAL = dict(rtol=1e-3, atol_rel=1e-4)
@@ -85,15 +112,13 @@ def manifest_state_dict(name: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(golden, tiny_configs):
+def tiny_bundle(golden_weights, tiny_configs):
     """The set's tiny reference weights (SD 2.1 UNet+VAE, IRControlNet, SwinIR) loaded through
     the official-layout converters."""
     from diffbir.checkpoints.loading import load_model
 
-    weights = golden / "weights"
     heads = tiny_configs["cldm"]["params"]["unet_cfg"]["num_head_channels"]
-    files = [weights / "sd21_tiny.safetensors", weights / "ircontrolnet_tiny.safetensors", weights / "swinir_tiny.safetensors"]
-    return load_model(files, num_head_channels=heads)
+    return load_model([golden_weights / name for name in TINY_FILES], num_head_channels=heads)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -125,3 +150,54 @@ def kill_when_a_shard_is_done(proc, shard_dir: Path, timeout: float) -> None:
     deadline = time.monotonic() + 60
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
         time.sleep(0.2)
+
+
+# ---- registry: a real MLflow store and tiny platform models (test_registry, test_promote, serving)
+
+
+def save_tiny(out_dir: Path, bundle, noise: float = 0.0, parts: list[str] | None = None) -> Path:
+    """The tiny reference model (or some of its `parts`) as a platform directory; `noise` > 0
+    perturbs the SwinIR weights (seeded), which makes a worse stage 1."""
+    from diffbir.checkpoints.platform import save_model_dir
+
+    parts = {name: (p.module, p.config) for name, p in bundle.parts.items() if parts is None or name in parts}
+    if noise:
+        import copy
+
+        swinir = copy.deepcopy(bundle.parts["swinir"].module)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in swinir.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * noise)
+        parts["swinir"] = (swinir, bundle.parts["swinir"].config)
+    save_model_dir(out_dir, parts, diffusion=bundle.diffusion)
+    return out_dir
+
+
+def new_run() -> str:
+    """A finished training run to hang versions on."""
+    from mlflow import MlflowClient
+
+    from training import registry
+
+    client = MlflowClient()
+    run = client.create_run(registry.experiment_id("diffbir-tests"))
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory):
+    """A fresh local store (SQLite + artifact dir) and model cache, for one test module."""
+    import mlflow
+
+    from training import registry
+
+    root = tmp_path_factory.mktemp("mlflow")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.setenv(registry.CACHE_ENV, str(root / "cache"))
+        mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        registry.configure(root / "store")
+        yield root
+        mlflow.set_tracking_uri(None)  # also clears the MLFLOW_TRACKING_URI that MLflow exported

@@ -1,5 +1,6 @@
 """serving/archive.py: archives of real photos restored on a real local Ray by the tiny reference
 model, hostile archives built with tarfile/zipfile, and a run interrupted part-way then resumed."""
+
 from __future__ import annotations
 
 import io
@@ -17,12 +18,21 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 from skimage import data
-from test_registry import mlflow_store, new_run, save_tiny  # noqa: F401 (mlflow_store is a fixture)
 
 from diffbir.config import load_config
 from serving import archive
-from serving.archive import ArchiveConfig, ArchiveError, list_members, read_members, restore_archive, safe_path, seed_for
+from serving.archive import (
+    ArchiveConfig,
+    ArchiveError,
+    list_members,
+    read_members,
+    restore_archive,
+    safe_path,
+    seed_for,
+)
 from training import registry
+
+from conftest import new_run, save_tiny
 
 ARCHIVE_YAML = Path(archive.__file__).parent / "configs" / "archive.yaml"
 FAST = dict(task="denoise", min_side=64, steps=2, batch_size=4, contact_sheet=2)
@@ -44,6 +54,7 @@ def photo_bytes(name: str) -> bytes:
 
 def png_header(width: int, height: int) -> bytes:
     """A PNG that declares width x height but holds almost nothing: a decompression bomb's header."""
+
     def chunk(tag: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
 
@@ -76,7 +87,9 @@ def manifest(stem: Path) -> dict[str, dict]:
     """Rows by path (the first of duplicate names), after checking the CSV says what the parquet says."""
     rows = pq.read_table(f"{stem}.manifest.parquet").to_pylist()
     csv_rows = pcsv.read_csv(f"{stem}.manifest.csv").to_pylist()
-    assert [(r["path"], r["status"], r["seed"]) for r in csv_rows] == [(r["path"], r["status"], r["seed"]) for r in rows]
+    assert [(r["path"], r["status"], r["seed"]) for r in csv_rows] == [
+        (r["path"], r["status"], r["seed"]) for r in rows
+    ]
     by_path: dict[str, dict] = {}
     for row in rows:
         by_path.setdefault(row["path"], row)
@@ -228,14 +241,22 @@ def test_refusals_before_any_work(tmp_path, model_dir):
     (tmp_path / "in").mkdir()
     (tmp_path / "in.tar").write_bytes(b"")
     with pytest.raises(ArchiveError, match="must be a tar like the input"):
-        restore_archive(ArchiveConfig(input=str(tmp_path / "in.tar"), output=str(tmp_path / "o.zip"), model=str(model_dir)))
+        restore_archive(
+            ArchiveConfig(input=str(tmp_path / "in.tar"), output=str(tmp_path / "o.zip"), model=str(model_dir))
+        )
     with pytest.raises(ArchiveError, match="inside the input folder"):
-        restore_archive(ArchiveConfig(input=str(tmp_path / "in"), output=str(tmp_path / "in" / "out"), model=str(model_dir)))
+        restore_archive(
+            ArchiveConfig(input=str(tmp_path / "in"), output=str(tmp_path / "in" / "out"), model=str(model_dir))
+        )
     with pytest.raises(ArchiveError, match="not a folder nor a"):
-        restore_archive(ArchiveConfig(input=str(model_dir / "model.json"), output=str(tmp_path / "o"), model=str(model_dir)))
+        restore_archive(
+            ArchiveConfig(input=str(model_dir / "model.json"), output=str(tmp_path / "o"), model=str(model_dir))
+        )
     with pytest.raises(ArchiveError, match="cannot read it as a tar"):
         (tmp_path / "junk.tar").write_bytes(os.urandom(3000))
-        restore_archive(ArchiveConfig(input=str(tmp_path / "junk.tar"), output=str(tmp_path / "o.tar"), model=str(model_dir)))
+        restore_archive(
+            ArchiveConfig(input=str(tmp_path / "junk.tar"), output=str(tmp_path / "o.tar"), model=str(model_dir))
+        )
     assert files_under(tmp_path) == {"in.tar", "junk.tar"}
 
 
@@ -270,16 +291,18 @@ def test_tar_gz_to_tar_gz(fresh_tar_gz, model_dir):
     assert list(rows) == list(PHOTOS)
     for name, payload in members.items():
         assert_restored(rows[name], name, payload, str(model_dir))
-    assert {k: summary[k] for k in ("members", "restored", "skipped", "failed", "resumed", "restored_this_run")} == dict(
-        members=3, restored=3, skipped=0, failed=0, resumed=0, restored_this_run=3
-    )
+    assert {
+        k: summary[k] for k in ("members", "restored", "skipped", "failed", "resumed", "restored_this_run")
+    } == dict(members=3, restored=3, skipped=0, failed=0, resumed=0, restored_this_run=3)
     assert summary["images_per_s"] > 0
     # beside the output: manifest and contact sheet of the first 2 pairs; the parts are gone
     assert files_under(out.parent) == {f"restored{s}" for s in (".tar.gz", *BESIDE)}
     sheet = decoded((out.parent / "restored.contact.png").read_bytes())
     assert sheet.shape[0] == 10 + 2 * (archive.THUMB_HEIGHT + 30)
     page = (out.parent / "restored.contact.html").read_text()
-    assert page.count("<img src='data:image/png;base64,") == 4 and "album/astronaut.png" in page and "chelsea" not in page
+    assert (
+        page.count("<img src='data:image/png;base64,") == 4 and "album/astronaut.png" in page and "chelsea" not in page
+    )
 
 
 def test_hostile_tar(tmp_path, model_dir):
@@ -300,7 +323,9 @@ def test_hostile_tar(tmp_path, model_dir):
         add_tar(tar, "bomb.png", png_header(2000, 2000))
         add_tar(tar, "broken.png", b"\x89PNG\r\n\x1a\n" + os.urandom(500))
     out = tmp_path / "out" / "restored.tar"
-    cfg = ArchiveConfig(input=str(path), output=str(out), model=str(model_dir), max_member_bytes=200_000, max_pixels=1_000_000, **FAST)
+    cfg = ArchiveConfig(
+        input=str(path), output=str(out), model=str(model_dir), max_member_bytes=200_000, max_pixels=1_000_000, **FAST
+    )
     summary = restore_archive(cfg)
 
     members = tar_members(out)
@@ -343,18 +368,35 @@ def test_zip_from_the_registry_through_the_cli(tmp_path, mlflow_store, model_dir
         zf.writestr("C:\\Windows\\evil.png", photo_bytes("coffee.jpg"))
         zf.writestr("bomb.png", b"\0" * (4 << 20))
         link = zipfile.ZipInfo("link.png")
-        link.external_attr = (0o120777 << 16)
+        link.external_attr = 0o120777 << 16
         zf.writestr(link, "/etc/passwd")
         with pytest.warns(UserWarning, match="Duplicate name"):
             zf.writestr("album/astronaut.png", b"second")
     out = tmp_path / "restored.zip"
-    argv = ["--config", str(ARCHIVE_YAML), "--input", str(path), "--output", str(out), "--model", "models:/diffbir-archive@champion",
-            "--tracking-dir", str(mlflow_store / "store"), "--max-member-bytes", str(1 << 20)]  # fmt: skip
+    argv = [
+        "--config",
+        str(ARCHIVE_YAML),
+        "--input",
+        str(path),
+        "--output",
+        str(out),
+        "--model",
+        "models:/diffbir-archive@champion",
+        "--tracking-dir",
+        str(mlflow_store / "store"),
+        "--max-member-bytes",
+        str(1 << 20),
+    ]
     argv += [f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()]
     assert archive.main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     pinned = f"models:/diffbir-archive/{version}"
-    assert (summary["model_uri"], summary["model_version"], summary["restored"], summary["skipped"]) == (pinned, version, 2, 6)
+    assert (summary["model_uri"], summary["model_version"], summary["restored"], summary["skipped"]) == (
+        pinned,
+        version,
+        2,
+        6,
+    )
 
     with zipfile.ZipFile(out) as zf:
         members = {name: zf.read(name) for name in zf.namelist()}
@@ -375,7 +417,7 @@ def test_folder_to_folder(tmp_path, model_dir):
     src = tmp_path / "in"
     (src / "album" / "sub").mkdir(parents=True)
     (src / "album" / "astronaut.png").write_bytes(photo_bytes("album/astronaut.png"))
-    gray16 = (cv2.resize(data.camera(), (72, 64)).astype(np.uint16) * 257)
+    gray16 = cv2.resize(data.camera(), (72, 64)).astype(np.uint16) * 257
     (src / "album" / "sub" / "camera16.png").write_bytes(cv2.imencode(".png", gray16)[1].tobytes())
     (src / "evil.png").symlink_to("/etc/passwd")
     outside = tmp_path / "outside"
@@ -387,14 +429,18 @@ def test_folder_to_folder(tmp_path, model_dir):
 
     assert files_under(out) == {"album/astronaut.png", "album/sub/camera16.png"}
     rows = manifest(tmp_path / "restored")
-    assert_restored(rows["album/astronaut.png"], "album/astronaut.png", (out / "album/astronaut.png").read_bytes(), str(model_dir))
+    assert_restored(
+        rows["album/astronaut.png"], "album/astronaut.png", (out / "album/astronaut.png").read_bytes(), str(model_dir)
+    )
     camera = decoded((out / "album/sub/camera16.png").read_bytes())
     assert camera.shape == (64, 72) and camera.dtype == np.uint16  # gray 16-bit stays gray 16-bit
     skipped = {p: r["reason"] for p, r in rows.items() if r["status"] == "skipped"}
     assert skipped == {"evil.png": "symbolic link", "linked": "symbolic link"}
     assert summary["restored"] == 2
     inputs = {"in/album/astronaut.png", "in/album/sub/camera16.png", "in/evil.png", "in/linked", "outside/x.png"}
-    assert files_under(tmp_path) == inputs | {f"restored{s}" for s in BESIDE} | {f"restored/{p}" for p in files_under(out)}
+    assert files_under(tmp_path) == inputs | {f"restored{s}" for s in BESIDE} | {
+        f"restored/{p}" for p in files_under(out)
+    }
 
 
 def test_an_interrupted_run_resumes_without_recomputing(tmp_path, photos_tar_gz, fresh_tar_gz, model_dir, monkeypatch):

@@ -1,19 +1,23 @@
 """Official layouts: detection, strict conversion, clear refusals, the platform format, the CLI."""
+
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import zipfile
 
 import pytest
 import torch
-from conftest import MANIFESTS, manifest_state_dict
 from safetensors.torch import save_file
 
 from diffbir.checkpoints.io import CheckpointError, read_state_dict
 from diffbir.checkpoints.official import split_official
 from diffbir.checkpoints.parts import build_part, infer_config
+from diffbir.checkpoints.tiny import write_keyed_files
 from diffbir.cli import main as cli_main
+
+from conftest import MANIFESTS, manifest_state_dict
 
 # What each reference manifest is, in the platform's layout names.
 MANIFEST_LAYOUTS = {
@@ -65,8 +69,10 @@ def test_manifest_layout_loads_strictly(manifest):
     loaded = sum(v.numel() for m in modules.values() for v in m.state_dict().values())
     assert used == loaded
     # ... and only known non-weight buffers were left out
-    assert all(k in json.loads((MANIFESTS / manifest).read_text()).get("non_parameter_keys", []) or "." not in k
-               for k in official.ignored), official.ignored[:5]
+    assert all(
+        k in json.loads((MANIFESTS / manifest).read_text()).get("non_parameter_keys", []) or "." not in k
+        for k in official.ignored
+    ), official.ignored[:5]
 
 
 @pytest.mark.parametrize(
@@ -133,16 +139,63 @@ def test_wrapped_and_prefixed_checkpoints(tmp_path):
     assert torch.equal(read_state_dict(path)["conv.weight"], sd["conv.weight"])
 
 
-def test_cli_info_and_errors(golden, tiny_configs, capsys, tmp_path):
-    weights = golden / "weights"
+def test_cli_info_and_errors(golden_weights, tiny_configs, capsys, tmp_path):
+    weights = golden_weights
     heads = str(tiny_configs["cldm"]["params"]["controlnet_cfg"]["num_head_channels"])
-    assert cli_main(["info", "--json", "--num-head-channels", heads, str(weights / "ircontrolnet_tiny.safetensors")]) == 0
+    assert (
+        cli_main(["info", "--json", "--num-head-channels", heads, str(weights / "ircontrolnet_tiny.safetensors")]) == 0
+    )
     info = json.loads(capsys.readouterr().out)
     assert info["layout"] == "ircontrolnet" and set(info["parts"]) == {"controlnet"}
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"\0" * 10)
     assert cli_main(["info", str(bad)]) == 2
     assert "bad.pth" in capsys.readouterr().err
+
+
+def test_keyed_files_are_the_reference_files(golden, golden_set, tmp_path):
+    """The set's tiny files re-created from its weights manifest and salt are its files, byte for
+    byte (the sha256 the manifest records), which is what lets the repository not store them."""
+    manifest_path = golden / "weights" / "weights_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    written = write_keyed_files(tmp_path, manifest_path, golden_set["tiny_weights_init_salt"])
+    assert {p.name for p in written} == {n for n, e in manifest.items() if "tensors" in e}
+    for path in written:
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == manifest[path.name]["sha256"], path.name
+    other_salt = write_keyed_files(tmp_path / "other", manifest_path, golden_set["tiny_weights_init_salt"] + 1)
+    assert hashlib.sha256(other_salt[0].read_bytes()).hexdigest() != manifest[other_salt[0].name]["sha256"]
+
+
+def test_init_tiny_writes_loadable_official_files(tmp_path, capsys):
+    """`diffbir init-tiny`: the three official layouts, recognised by `info`, loaded strictly into a
+    pipeline that restores; a rerun keeps the files unless --overwrite."""
+    from diffbir.checkpoints.loading import load_model
+
+    out = tmp_path / "tiny"
+    assert cli_main(["init-tiny", "--output", str(out)]) == 0
+    files = sorted(out.glob("*.safetensors"))
+    assert [f.name for f in files] == [
+        "ircontrolnet_tiny.safetensors",
+        "sd21_tiny.safetensors",
+        "swinir_tiny.safetensors",
+    ]
+    capsys.readouterr()
+    assert cli_main(["info", "--json", "--num-head-channels", "16", *map(str, files)]) == 0
+    layouts = [json.loads(doc)["layout"] for doc in capsys.readouterr().out.replace("}\n{", "}\0{").split("\0")]
+    assert layouts == ["ircontrolnet", "sd21", "swinir"]
+    bundle = load_model(files, num_head_channels=16)
+    assert set(bundle.parts) == {"unet", "vae", "controlnet", "swinir"}
+    with torch.no_grad():
+        restored = bundle.stage1(torch.rand(1, 3, 64, 64))
+    assert restored.shape == (1, 3, 64, 64) and torch.isfinite(restored).all()
+
+    stamp = files[0].stat().st_mtime_ns
+    assert cli_main(["init-tiny", "--output", str(out)]) == 0
+    assert files[0].stat().st_mtime_ns == stamp
+    assert cli_main(["init-tiny", "--output", str(out), "--overwrite", "--salt", "7"]) == 0
+    assert files[0].stat().st_mtime_ns != stamp
+    assert cli_main(["init-tiny", "--output", str(out), "--layout", str(tmp_path / "none.json")]) == 2
+    assert "none.json" in capsys.readouterr().err
 
 
 def test_text_tower_converted_back_from_diffusers_loads():
@@ -155,17 +208,27 @@ def test_text_tower_converted_back_from_diffusers_loads():
     for p in full.parameters():
         p.data.normal_(0, 0.05)
     sd = {f"cond_stage_model.{k}": v for k, v in full.state_dict().items()}
-    partial = {k: v for k, v in sd.items()
-               if "text_projection" not in k and "logit_scale" not in k and ".resblocks.2." not in k}
+    partial = {
+        k: v
+        for k, v in sd.items()
+        if "text_projection" not in k and "logit_scale" not in k and ".resblocks.2." not in k
+    }
     official = split_official(partial, "zsnr.ckpt")
     config = infer_config("text_encoder", official.parts["text_encoder"], source="zsnr.ckpt", layout="sd21")
     assert config.layers == 3 and config.layer == "penultimate"
-    loaded = build_part("text_encoder", config, official.parts["text_encoder"], official=True, source="zsnr.ckpt",
-                        layout="sd21")
+    loaded = build_part(
+        "text_encoder", config, official.parts["text_encoder"], official=True, source="zsnr.ckpt", layout="sd21"
+    )
     tokens = torch.randint(0, 49407, (2, 77))
     assert torch.equal(loaded(tokens), full(tokens))
     # a complete file must still be complete: dropping a used key is refused
     del partial["cond_stage_model.model.ln_final.weight"]
     with pytest.raises(CheckpointError, match="missing"):
-        build_part("text_encoder", config, split_official(partial, "x").parts["text_encoder"], official=True,
-                   source="x", layout="sd21")
+        build_part(
+            "text_encoder",
+            config,
+            split_official(partial, "x").parts["text_encoder"],
+            official=True,
+            source="x",
+            layout="sd21",
+        )

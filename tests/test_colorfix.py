@@ -1,11 +1,13 @@
 """Wavelet colour fix: fixture g plus properties that a wrong kernel / dilation / padding breaks."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SINGLE_EVAL, assert_close_golden, load_fixture
 
 from diffbir.colorfix import wavelet_blur, wavelet_decomposition, wavelet_reconstruction
+
+from conftest import SINGLE_EVAL, assert_close_golden, load_fixture
 
 
 def test_fixture_g(golden):

@@ -1,4 +1,5 @@
 """pHash, the banded near-duplicate search, keeper choice, and dedup across shards on Ray."""
+
 from __future__ import annotations
 
 import io
@@ -25,9 +26,16 @@ def at_least_512(img: np.ndarray, side: int = 512) -> np.ndarray:
     return img if f <= 1 else cv2.resize(img, (round(w * f), round(h * f)), interpolation=cv2.INTER_CUBIC)
 
 
-PHOTOS = {name: at_least_512(load()) for name, load in {
-    "astronaut": data.astronaut, "chelsea": data.chelsea, "coffee": data.coffee, "rocket": data.rocket,
-    "motorcycle_left": lambda: data.stereo_motorcycle()[0]}.items()}
+PHOTOS = {
+    name: at_least_512(load())
+    for name, load in {
+        "astronaut": data.astronaut,
+        "chelsea": data.chelsea,
+        "coffee": data.coffee,
+        "rocket": data.rocket,
+        "motorcycle_left": lambda: data.stereo_motorcycle()[0],
+    }.items()
+}
 
 
 def encode(img: np.ndarray, fmt: str = "PNG", **kwargs) -> bytes:
@@ -103,15 +111,30 @@ def test_plan_keeps_best_member_of_each_group():
     table = pd.DataFrame(rows, columns=dd.DEDUP_COLUMNS).assign(phash=lambda t: [f"{x:016x}" for x in t["phash"]])
     plan = dd.plan_dedup(table).set_index("key").fillna({"dup_of": "-", "dup_reason": "-"})
     assert plan["dup_of"].to_dict() == {"a": "-", "b": "a", "c": "a", "d": "e", "e": "-", "f": "-"}
-    assert plan["dup_reason"].to_dict() == {"a": "-", "b": "exact_duplicate", "c": "near_duplicate",
-                                            "d": "near_duplicate", "e": "-", "f": "-"}
+    assert plan["dup_reason"].to_dict() == {
+        "a": "-",
+        "b": "exact_duplicate",
+        "c": "near_duplicate",
+        "d": "near_duplicate",
+        "e": "-",
+        "f": "-",
+    }
     assert plan.loc["a", "group"] == plan.loc["c", "group"] != plan.loc["e", "group"]
 
 
 def test_groups_are_transitive():
     chain = [0, 0b111, 0b111111, 0b111111111]  # each 3 bits from the next, 9 from end to end
-    table = pd.DataFrame({"key": list("wxyz"), "sha256": list("1234"), "phash": [f"{x:016x}" for x in chain],
-                          "width": [600, 600, 600, 700], "height": 600, "jpeg_quality": None, "sharpness": 1.0})
+    table = pd.DataFrame(
+        {
+            "key": list("wxyz"),
+            "sha256": list("1234"),
+            "phash": [f"{x:016x}" for x in chain],
+            "width": [600, 600, 600, 700],
+            "height": 600,
+            "jpeg_quality": None,
+            "sharpness": 1.0,
+        }
+    )
     plan = dd.plan_dedup(table, dd.DedupConfig(max_distance=3))
     assert plan["dup_of"].fillna("-").tolist() == ["z", "z", "z", "-"]
 
@@ -130,15 +153,22 @@ def ray_local():
 def test_dedup_across_shards_keeps_the_better_copy(tmp_path, ray_local):
     chelsea = data.chelsea()
     coffee_png = encode(PHOTOS["coffee"])
-    shard0 = {"s0_astronaut": encode(PHOTOS["astronaut"]), "s0_coffee": coffee_png,
-              "s0_chelsea": encode(at_least_512(chelsea, 512))}
-    shard1 = {"s1_astronaut": encode(PHOTOS["astronaut"], "JPEG", quality=90),  # recompressed copy
-              "s1_coffee": coffee_png,  # the same file again
-              "s1_chelsea": encode(at_least_512(chelsea, 600)),  # a larger rendition
-              "s1_rocket": encode(PHOTOS["rocket"])}
+    shard0 = {
+        "s0_astronaut": encode(PHOTOS["astronaut"]),
+        "s0_coffee": coffee_png,
+        "s0_chelsea": encode(at_least_512(chelsea, 512)),
+    }
+    shard1 = {
+        "s1_astronaut": encode(PHOTOS["astronaut"], "JPEG", quality=90),  # recompressed copy
+        "s1_coffee": coffee_png,  # the same file again
+        "s1_chelsea": encode(at_least_512(chelsea, 600)),  # a larger rendition
+        "s1_rocket": encode(PHOTOS["rocket"]),
+    }
     for name, shard in (("00000.tar", shard0), ("00001.tar", shard1)):
         with open(tmp_path / name, "wb") as f:
-            write_tar(f, [(k, {"png": v, "txt": b"", "json": json.dumps({"url": k}).encode()}) for k, v in shard.items()])
+            write_tar(
+                f, [(k, {"png": v, "txt": b"", "json": json.dumps({"url": k}).encode()}) for k, v in shard.items()]
+            )
 
     kept, rejected = filter_quality(str(tmp_path), QualityConfig())
     assert rejected == {} and kept.count() == 7

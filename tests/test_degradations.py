@@ -1,4 +1,5 @@
 """pipelines.degradations: kernels, operations, the three models, configs, input checks."""
+
 from __future__ import annotations
 
 import json

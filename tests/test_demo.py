@@ -1,5 +1,6 @@
 """`make demo`'s orchestration (infra/demo.py) without running the loop: its config, its flags,
 and its refusal to start over services it does not own."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from diffbir.config import build_parser, load_config
+from pipelines.ray_env import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("demo", ROOT / "infra" / "demo.py")
@@ -22,20 +24,25 @@ def test_shipped_config_states_the_defaults_and_every_field_is_a_flag():
     assert flags == set(demo.DemoConfig.model_fields)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_port_in_use_stops_the_demo_before_it_starts_anything(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         with pytest.raises(SystemExit, match=f"port {port} on 127.0.0.1 is in use"):
-            demo.main(["--workdir", str(tmp_path / "demo"), "--mlflow-port", str(port),
-                       *(a for flag in ("--ray-port", "--dashboard-port", "--serve-port") for a in (flag, str(free_port())))])
+            demo.main(
+                [
+                    "--workdir",
+                    str(tmp_path / "demo"),
+                    "--mlflow-port",
+                    str(port),
+                    *(
+                        a
+                        for flag in ("--ray-port", "--dashboard-port", "--serve-port")
+                        for a in (flag, str(free_port()))
+                    ),
+                ]
+            )
     assert not (tmp_path / "demo").exists()  # nothing was created or removed
 
 

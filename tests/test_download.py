@@ -1,5 +1,6 @@
 """Download through real img2dataset from the loopback sample server, as Ray tasks on a real
 local Ray: the shards, their failures by reason, the size cap, and resuming after a kill."""
+
 from __future__ import annotations
 
 import json
@@ -16,11 +17,12 @@ import pytest
 import ray
 import webdataset as wds
 
-from conftest import kill_when_a_shard_is_done
 from pipelines.download import DownloadConfig, _download_shard, download, failure_reason, plan_shards
 from pipelines.prefilter import parquet_files
 from pipelines.ray_env import ensure_ray
 from pipelines.sample import embedded_sample
+
+from conftest import kill_when_a_shard_is_done
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {"shard_size": 5, "timeout": 2.0, "thread_count": 8}  # 17 rows: shards of 5, 5, 5 and 2
@@ -58,7 +60,9 @@ def downloaded(prefiltered, tmp_path_factory):
 
 
 def _samples(folder: Path) -> dict[str, dict]:
-    return {s["__key__"]: s for tar in sorted(folder.glob("*.tar")) for s in wds.WebDataset(str(tar), shardshuffle=False)}
+    return {
+        s["__key__"]: s for tar in sorted(folder.glob("*.tar")) for s in wds.WebDataset(str(tar), shardshuffle=False)
+    }
 
 
 def _contents(folder: Path) -> dict:
@@ -67,7 +71,9 @@ def _contents(folder: Path) -> dict:
     for tar in sorted(folder.glob("*.tar")):
         with tarfile.open(tar) as t:
             tars[tar.name] = {m.name: t.extractfile(m).read() for m in t.getmembers()}
-    rows = pq.read_table(sorted(folder.glob("*.parquet")), columns=["key", "hash", "status", "error_message"]).to_pylist()
+    rows = pq.read_table(
+        sorted(folder.glob("*.parquet")), columns=["key", "hash", "status", "error_message"]
+    ).to_pylist()
     outcomes = sorted((r["key"], r["hash"], r["status"], failure_reason(r["error_message"] or "")) for r in rows)
     return {"files": sorted(p.name for p in folder.iterdir()), "tars": tars, "rows": outcomes}
 
@@ -121,8 +127,9 @@ def test_killed_download_resumes_to_the_same_shards(prefiltered, downloaded, tmp
     )
     # The killed run joins this test's Ray, as a job submitted to a cluster would.
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     kill_when_a_shard_is_done(proc, out, timeout=180)
     finished = {p.name[:5] for p in out.glob("*_stats.json")}
     assert len(finished) < len(SHARDS)  # the slow last shard cannot have finished

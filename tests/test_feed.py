@@ -1,5 +1,6 @@
 """The training feed on WebDataset shards of real photos: shapes and ranges, disjoint ranks,
 reproducibility from the seed, resumption from a position, plain image folders."""
+
 from __future__ import annotations
 
 import shutil

@@ -1,11 +1,11 @@
 """The whole data pipeline on the embedded sample: exactly the expected images survive, every
 rejection is counted under the stage and reason the sample's manifest expects."""
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -17,29 +17,32 @@ import ray
 import webdataset as wds
 import yaml
 
-from conftest import kill_when_a_shard_is_done
 from pipelines.filter_laion import FilterLaionConfig, main, run
+from pipelines.ray_env import free_port
 from pipelines.sample import load_manifest
 
+from conftest import kill_when_a_shard_is_done
+
 # The sample names what is wrong with an image; the quality and dedup stages name the check.
-QUALITY_CHECKS = {"blur": {"blurry", "low_effective_resolution"}, "jpeg": {"low_jpeg_quality", "blocky"},
-                  "noise": {"noisy"}, "flat": {"flat", "low_entropy"}}
+QUALITY_CHECKS = {
+    "blur": {"blurry", "low_effective_resolution"},
+    "jpeg": {"low_jpeg_quality", "blocky"},
+    "noise": {"noisy"},
+    "flat": {"flat", "low_entropy"},
+}
 DEDUP_REASONS = {"exact": "exact_duplicate", "near": "near_duplicate"}
 
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # One port for every run here: the sample's URLs (and so the LAION row hashes and the order rows
 # reach the download shards in) are then the same in each, and so must be the final shards.
-CONFIG = dict(sample={"slow_seconds": 8, "port": free_port()}, download={"shard_size": 8, "thread_count": 4, "timeout": 3},
-              shards={"samples_per_shard": 3})
+CONFIG = dict(
+    sample={"slow_seconds": 8, "port": free_port()},
+    download={"shard_size": 8, "thread_count": 4, "timeout": 3},
+    shards={"samples_per_shard": 3},
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +53,22 @@ def result(tmp_path_factory):
 
 def shard_contents(out: Path) -> list[list[tuple]]:
     """Per final shard: (key, image sha256, caption) of each sample, in order."""
-    return [[(s["__key__"], json.loads(s["json"])["sha256"], s["txt"]) for s in wds.WebDataset(str(tar), shardshuffle=False)]
-            for tar in sorted((out / "shards").glob("*.tar"))]
+    return [
+        [
+            (s["__key__"], json.loads(s["json"])["sha256"], s["txt"])
+            for s in wds.WebDataset(str(tar), shardshuffle=False)
+        ]
+        for tar in sorted((out / "shards").glob("*.tar"))
+    ]
 
 
 def test_exactly_the_expected_images_survive(result):
     out, report = result
     manifest = load_manifest(out / "_work" / "sample" / "manifest.json")
     root = Path(manifest.root)
-    expected = Counter(hashlib.sha256((root / r["file"]).read_bytes()).hexdigest()
-                       for r in manifest.rows if r["fate"] == "kept")
+    expected = Counter(
+        hashlib.sha256((root / r["file"]).read_bytes()).hexdigest() for r in manifest.rows if r["fate"] == "kept"
+    )
     got = Counter()
     shards = sorted((out / "shards").glob("*.tar"))
     assert [len(list(wds.WebDataset(str(s), shardshuffle=False))) for s in shards][:-1] == [3] * (len(shards) - 1)
@@ -108,8 +117,13 @@ def test_killed_pipeline_reruns_to_the_same_shards_and_counts(result, tmp_path):
     out, config = tmp_path / "laion", tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # joins this test's Ray
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.filter_laion", "--config", str(config), "--output", str(out)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.filter_laion", "--config", str(config), "--output", str(out)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     kill_when_a_shard_is_done(proc, out / "_work" / "download", timeout=300)
     assert not (out / "shards").exists() and not (out / "stats.json").exists()  # killed mid-way
 

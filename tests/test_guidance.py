@@ -1,11 +1,11 @@
 """Restoration guidance: fixture e (one guided update, every case), fixture f guided (a whole guided
 run), weighted guidance in latent space, and guidance with every sampler on the tiny model."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SAMPLING, SINGLE_EVAL, assert_close_golden, load_fixture
 
 from diffbir.config import DiffusionConfig
 from diffbir.sampling import (
@@ -22,6 +22,8 @@ from diffbir.sampling import (
     weight_map,
 )
 from diffbir.sampling.guidance import REFERENCE_SCALE
+
+from conftest import SAMPLING, SINGLE_EVAL, assert_close_golden, load_fixture
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,9 @@ def _guidance(cldm, e, name: str, case: dict) -> RestorationGuidance:
 
 def test_fixture_e_weight_map(fixture_e):
     torch.testing.assert_close(fixture_e["target"], fixture_e["stage1_image01"] * 2 - 1)
-    assert_close_golden(weight_map(fixture_e["stage1_image01"]), fixture_e["weight_map"], **SINGLE_EVAL, name="weight_map")
+    assert_close_golden(
+        weight_map(fixture_e["stage1_image01"]), fixture_e["weight_map"], **SINGLE_EVAL, name="weight_map"
+    )
 
 
 def test_fixture_e_cases(fixture_e, info_e, tiny_bundle):
@@ -114,7 +118,9 @@ def test_fixture_f_guided(golden, fixture_index, tiny_bundle, monkeypatch):
         assert guidance.scale == pytest.approx(run["internal_scale"])
         decodes.clear()
         trajectory = []
-        z_0 = sample(den, f["x_T"], "ddpm", steps, x0_hook=guidance, noise=noise, callback=lambda i, x: trajectory.append(x))
+        z_0 = sample(
+            den, f["x_T"], "ddpm", steps, x0_hook=guidance, noise=noise, callback=lambda i, x: trajectory.append(x)
+        )
         applied = [t for t in run["timesteps_desc"] if run["t_stop"] < t + 1 < run["t_start"]]
         assert len(decodes) == len(applied) * run["repeat"]  # one decode per repetition, the loss taken from it
         for i, x in enumerate(trajectory):
@@ -189,7 +195,9 @@ def test_tiled_rgb_guidance(fixture_e, tiny_bundle):
     torch.testing.assert_close(one_tile.x0, whole.x0, rtol=1e-4, atol=1e-5)
     guidance = RestorationGuidance(tiny_bundle.cldm, e["target"], 0.002, decode_tiles=(side // 2, side // 4))
     update = guidance.update(x0, coef)
-    after = guidance_loss(tiled_decode(tiny_bundle.cldm, update.x0, side // 2, side // 4), update.target, guidance.weight)
+    after = guidance_loss(
+        tiled_decode(tiny_bundle.cldm, update.x0, side // 2, side // 4), update.target, guidance.weight
+    )
     assert after < 0.9 * update.loss
 
 

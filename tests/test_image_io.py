@@ -1,4 +1,5 @@
 """Image I/O: every mode comes back in its own form; bad bytes give clear errors."""
+
 from __future__ import annotations
 
 import io

@@ -6,6 +6,7 @@ The checkers return lists of problems; the tests at the end run them on bad exam
 checker that stopped looking would fail here. Static only (yaml, ast, the JSON schema that Ray
 installs with itself): seconds, no imports of the code it checks.
 """
+
 from __future__ import annotations
 
 import ast
@@ -13,7 +14,7 @@ import importlib.util
 import json
 import re
 import shlex
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import jsonschema
@@ -39,11 +40,16 @@ def load_docs(path: Path) -> list[dict]:
 
 
 def k8s_docs() -> list[tuple[Path, dict]]:
-    return [(p, d) for p in yaml_files() if p.parent.name in ("kuberay", "mlflow") and p.name != "docker-compose.yaml"
-            for d in load_docs(p)]
+    return [
+        (p, d)
+        for p in yaml_files()
+        if p.parent.name in ("kuberay", "mlflow") and p.name != "docker-compose.yaml"
+        for d in load_docs(p)
+    ]
 
 
 # ----------------------------------------------------------------------------- repository facts
+
 
 def pyproject_version() -> str:
     return re.search(r'^version\s*=\s*"([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
@@ -69,6 +75,7 @@ def makefile_targets() -> set[str]:
 
 # ------------------------------------------------------------------- paths, modules and flags
 
+
 def repo_path(path: str) -> Path | None:
     """The repository file a path in a command or manifest means: relative paths from the root,
     paths under the image's copy of the repository likewise. None for what this repository
@@ -77,7 +84,7 @@ def repo_path(path: str) -> Path | None:
         return None
     workdir = image_workdir().rstrip("/")
     if path == workdir or path.startswith(workdir + "/"):
-        return ROOT / path[len(workdir):].lstrip("/")
+        return ROOT / path[len(workdir) :].lstrip("/")
     if path.startswith("/") or path.startswith("~"):
         return None
     return ROOT / path
@@ -91,7 +98,7 @@ def module_file(module: str) -> Path | None:
     return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def parse(path: Path) -> ast.Module:
     return ast.parse(path.read_text(), filename=str(path))
 
@@ -104,7 +111,9 @@ def _imported_from(tree: ast.Module, name: str, here: Path) -> Path | None:
                 base = here.parent
                 for _ in range(node.level - 1):
                     base = base.parent
-                return module_file(".".join([*base.relative_to(ROOT).parts, *(node.module or "").split(".")]).strip("."))
+                return module_file(
+                    ".".join([*base.relative_to(ROOT).parts, *(node.module or "").split(".")]).strip(".")
+                )
             return module_file(node.module or "")
     return None
 
@@ -124,8 +133,11 @@ def class_fields(path: Path, name: str) -> set[str]:
     if not found:
         return set()
     where, cls = found
-    fields = {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
-              and not n.target.id.startswith("_")}
+    fields = {
+        n.target.id
+        for n in cls.body
+        if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and not n.target.id.startswith("_")
+    }
     for base in cls.bases:
         if isinstance(base, ast.Name):
             fields |= class_fields(where, base.id)
@@ -133,13 +145,21 @@ def class_fields(path: Path, name: str) -> set[str]:
 
 
 def _literal_flags(tree: ast.Module) -> set[str]:
-    return {a.value for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", None) == "add_argument"
-            for a in n.args if isinstance(a, ast.Constant) and isinstance(a.value, str) and a.value.startswith("-")}
+    return {
+        a.value
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and getattr(n.func, "attr", None) == "add_argument"
+        for a in n.args
+        if isinstance(a, ast.Constant) and isinstance(a.value, str) and a.value.startswith("-")
+    }
 
 
 def _model_fields_classes(tree: ast.Module) -> set[str]:
-    return {n.value.id for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "model_fields"
-            and isinstance(n.value, ast.Name)}
+    return {
+        n.value.id
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute) and n.attr == "model_fields" and isinstance(n.value, ast.Name)
+    }
 
 
 def flags_of(path: Path) -> set[str]:
@@ -151,8 +171,11 @@ def flags_of(path: Path) -> set[str]:
     flags = _literal_flags(tree)
     classes: list[tuple[Path, str]] = []
     for node in ast.walk(tree):
-        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-                and node.func.id in ("parse_config", "build_parser", "run_from_command_line")):
+        if not (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("parse_config", "build_parser", "run_from_command_line")
+        ):
             continue
         if node.args and isinstance(node.args[0], ast.Name) and find_class(path, node.args[0].id):
             classes.append((path, node.args[0].id))
@@ -182,14 +205,16 @@ def check_command(command: str) -> list[str]:
             continue
         if tokens[i + 1] == "-m":
             target = module_file(tokens[i + 2]) if i + 2 < len(tokens) else None
-            script = (target.parent / "__main__.py" if target and target.name == "__init__.py" else target)
-            args = tokens[i + 3:]
+            script = target.parent / "__main__.py" if target and target.name == "__init__.py" else target
+            args = tokens[i + 3 :]
             if script is None or not script.is_file():
-                problems.append(f"no module {tokens[i + 2] if i + 2 < len(tokens) else ''!r} in the repository: {command!r}")
+                problems.append(
+                    f"no module {tokens[i + 2] if i + 2 < len(tokens) else ''!r} in the repository: {command!r}"
+                )
                 continue
         elif tokens[i + 1].endswith(".py"):
             script = repo_path(tokens[i + 1])
-            args = tokens[i + 2:]
+            args = tokens[i + 2 :]
             if script is None:
                 continue
             if not script.is_file():
@@ -197,7 +222,7 @@ def check_command(command: str) -> list[str]:
                 continue
         else:
             continue
-        args = args[:next((j for j, a in enumerate(args) if a in ("&&", "||", ";", "|")), len(args))]
+        args = args[: next((j for j, a in enumerate(args) if a in ("&&", "||", ";", "|")), len(args))]
         accepted = flags_of(script)
         for j, arg in enumerate(args):
             if not arg.startswith("--"):
@@ -222,14 +247,19 @@ def check_import_path(import_path: str) -> list[str]:
     if not attr:
         return [f"import path {import_path!r}: no attribute after ':'"]
     defined = {n.name for n in parse(path).body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
-    defined |= {t.id for n in parse(path).body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+    defined |= {
+        t.id for n in parse(path).body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)
+    }
     return [] if attr in defined else [f"import path {import_path!r}: {module} defines no {attr!r}"]
 
 
 def check_make_targets(text: str) -> list[str]:
     targets = makefile_targets()
-    return [f"`make {t}`: no such Makefile target" for t in re.findall(r"\bmake ([a-z][a-z0-9_-]*)", text)
-            if t not in targets]
+    return [
+        f"`make {t}`: no such Makefile target"
+        for t in re.findall(r"\bmake ([a-z][a-z0-9_-]*)", text)
+        if t not in targets
+    ]
 
 
 def shell_commands(text: str) -> list[str]:
@@ -239,6 +269,7 @@ def shell_commands(text: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ the checkers
+
 
 def check_launcher(config: dict, image: str) -> list[str]:
     """A Ray cluster launcher config: Ray's own schema plus what this platform relies on."""
@@ -278,8 +309,14 @@ def check_launcher(config: dict, image: str) -> list[str]:
         problems.append("the head should take no tasks (resources: {CPU: 0})")
     if config.get("docker", {}).get("image") != image:
         problems.append(f"docker.image {config.get('docker', {}).get('image')!r} is not the built image {image!r}")
-    for key in ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
-                "head_start_ray_commands", "worker_start_ray_commands"):
+    for key in (
+        "initialization_commands",
+        "setup_commands",
+        "head_setup_commands",
+        "worker_setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    ):
         for command in config.get(key) or []:
             problems += check_command(command)
     return problems
@@ -319,8 +356,11 @@ def check_ray_cluster_spec(spec: dict, where: str, images: set[str], ray_version
 
 
 def gpu_groups(spec: dict) -> list[str]:
-    return [g["groupName"] for g in spec.get("workerGroupSpecs") or []
-            if any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {}) for c in _containers(g.get("template")))]
+    return [
+        g["groupName"]
+        for g in spec.get("workerGroupSpecs") or []
+        if any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {}) for c in _containers(g.get("template")))
+    ]
 
 
 def check_serve_config(serve: dict, where: str) -> list[str]:
@@ -330,12 +370,18 @@ def check_serve_config(serve: dict, where: str) -> list[str]:
         problems.append(f"{where}: serveConfigV2 has no applications")
     if serve.get("http_options", {}).get("host") != "0.0.0.0":
         problems.append(f"{where}: http_options.host must be 0.0.0.0 in a pod")
-    fields = class_fields(ROOT / "serving" / "config.py", "ServeConfig") if (ROOT / "serving" / "config.py").is_file() else None
+    fields = (
+        class_fields(ROOT / "serving" / "config.py", "ServeConfig")
+        if (ROOT / "serving" / "config.py").is_file()
+        else None
+    )
     for app in apps:
         problems += [f"{where}: {p}" for p in check_import_path(app.get("import_path", ""))]
         args = app.get("args") or {}
         if fields is not None:
-            problems += [f"{where}: {k!r} is not a ServeConfig field" for k in args if k != "config" and k not in fields]
+            problems += [
+                f"{where}: {k!r} is not a ServeConfig field" for k in args if k != "config" and k not in fields
+            ]
         if "config" in args:
             target = repo_path(args["config"])
             if target is None or not target.is_file():
@@ -361,8 +407,11 @@ def check_k8s(docs: list[tuple[Path, dict]], images: set[str], ray_version: str)
         if d.get("kind") in RAY_KINDS:
             if d.get("apiVersion") != "ray.io/v1":
                 problems.append(f"{where}: apiVersion must be ray.io/v1")
-            cluster = {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"),
-                       "RayService": spec.get("rayClusterConfig")}[d["kind"]]
+            cluster = {
+                "RayCluster": spec,
+                "RayJob": spec.get("rayClusterSpec"),
+                "RayService": spec.get("rayClusterConfig"),
+            }[d["kind"]]
             if not cluster:
                 problems.append(f"{where}: no cluster spec")
                 continue
@@ -390,19 +439,34 @@ def check_k8s(docs: list[tuple[Path, dict]], images: set[str], ray_version: str)
                 problems.append(f"{where}: no worker group with nvidia.com/gpu")
         if d.get("kind") in ("Deployment", "StatefulSet"):
             for c in _containers(spec.get("template")):
-                if not c.get("image") or not c.get("resources", {}).get("requests") or not c.get("resources", {}).get("limits"):
+                if (
+                    not c.get("image")
+                    or not c.get("resources", {}).get("requests")
+                    or not c.get("resources", {}).get("limits")
+                ):
                     problems.append(f"{where}: container {c.get('name')} needs image, resource requests and limits")
         # references to other objects
         for node in _walk(d):
             if isinstance(node, dict):
                 if "configMapRef" in node and ("ConfigMap", node["configMapRef"].get("name")) not in names:
-                    problems.append(f"{where}: ConfigMap {node['configMapRef'].get('name')!r} is defined nowhere in infra/")
-                if "persistentVolumeClaim" in node and ("PersistentVolumeClaim", node["persistentVolumeClaim"].get("claimName")) not in names:
-                    problems.append(f"{where}: PVC {node['persistentVolumeClaim'].get('claimName')!r} is defined nowhere in infra/")
+                    problems.append(
+                        f"{where}: ConfigMap {node['configMapRef'].get('name')!r} is defined nowhere in infra/"
+                    )
+                if (
+                    "persistentVolumeClaim" in node
+                    and ("PersistentVolumeClaim", node["persistentVolumeClaim"].get("claimName")) not in names
+                ):
+                    problems.append(
+                        f"{where}: PVC {node['persistentVolumeClaim'].get('claimName')!r} is defined nowhere in infra/"
+                    )
                 if "serviceAccountName" in node and ("ServiceAccount", node["serviceAccountName"]) not in names:
-                    problems.append(f"{where}: ServiceAccount {node['serviceAccountName']!r} is defined nowhere in infra/")
+                    problems.append(
+                        f"{where}: ServiceAccount {node['serviceAccountName']!r} is defined nowhere in infra/"
+                    )
                 if "secretKeyRef" in node and node["secretKeyRef"].get("name") not in README.read_text():
-                    problems.append(f"{where}: Secret {node['secretKeyRef'].get('name')!r} is not documented in infra/README.md")
+                    problems.append(
+                        f"{where}: Secret {node['secretKeyRef'].get('name')!r} is not documented in infra/README.md"
+                    )
     return problems
 
 
@@ -444,6 +508,7 @@ def image_references() -> list[tuple[Path, str]]:
 
 # ------------------------------------------------------------------------------------- tests
 
+
 @pytest.mark.parametrize("path", yaml_files(), ids=lambda p: str(p.relative_to(INFRA)))
 def test_every_yaml_parses(path):
     docs = load_docs(path)
@@ -452,8 +517,15 @@ def test_every_yaml_parses(path):
 
 
 def test_expected_files_exist():
-    for rel in ("ray-cluster/aws.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob-train-gm.yaml",
-                "kuberay/rayservice.yaml", "docker/Dockerfile", "mlflow/k8s.yaml", "README.md"):
+    for rel in (
+        "ray-cluster/aws.yaml",
+        "kuberay/raycluster.yaml",
+        "kuberay/rayjob-train-gm.yaml",
+        "kuberay/rayservice.yaml",
+        "docker/Dockerfile",
+        "mlflow/k8s.yaml",
+        "README.md",
+    ):
         assert (INFRA / rel).is_file(), rel
     assert (ROOT / ".dockerignore").is_file()
     assert (ROOT / "docs" / "capacity_plan.md").is_file()
@@ -487,10 +559,12 @@ def test_dockerfiles():
     assert check_dockerfile(MLFLOW_DOCKERFILE) == []
     text = DOCKERFILE.read_text()
     # the Makefile's setup order: the torch pair, the locked rest, the no-deps set, the project
-    steps = [text.index("pip install -q -r requirements/constraints.txt"),
-             text.index("-c requirements/constraints.txt -c requirements/lock.txt"),
-             text.index("--no-deps -r requirements/nodeps.txt"),
-             text.index("--no-deps -e .")]
+    steps = [
+        text.index("pip install -q -r requirements/constraints.txt"),
+        text.index("-c requirements/constraints.txt -c requirements/lock.txt"),
+        text.index("--no-deps -r requirements/nodeps.txt"),
+        text.index("--no-deps -e ."),
+    ]
     assert steps == sorted(steps)
     constraints = (ROOT / "requirements" / "constraints.txt").read_text()
     assert "torch==2.14.1" in constraints and "torchvision==0.29.1" in constraints
@@ -505,7 +579,15 @@ def test_launcher_config():
 def test_kubernetes_manifests():
     docs = k8s_docs()
     kinds = {d["kind"] for _, d in docs}
-    assert {"RayCluster", "RayJob", "RayService", "Deployment", "Service", "ConfigMap", "PersistentVolumeClaim"} <= kinds
+    assert {
+        "RayCluster",
+        "RayJob",
+        "RayService",
+        "Deployment",
+        "Service",
+        "ConfigMap",
+        "PersistentVolumeClaim",
+    } <= kinds
     images = set(built_images().values())
     assert check_k8s(docs, images, pinned("ray", ROOT / "requirements" / "data.txt")) == []
 
@@ -517,8 +599,12 @@ def test_training_job_runs_the_multinode_config():
     cluster = job["spec"]["rayClusterSpec"]
     assert gpu_groups(cluster)
     config = yaml.safe_load((ROOT / "training/configs/gm_multinode.yaml").read_text())
-    gpus = sum(g["replicas"] * int(c["resources"]["limits"]["nvidia.com/gpu"])
-               for g in cluster["workerGroupSpecs"] for c in _containers(g["template"]) if "nvidia.com/gpu" in c["resources"]["limits"])
+    gpus = sum(
+        g["replicas"] * int(c["resources"]["limits"]["nvidia.com/gpu"])
+        for g in cluster["workerGroupSpecs"]
+        for c in _containers(g["template"])
+        if "nvidia.com/gpu" in c["resources"]["limits"]
+    )
     workers = int(entry[entry.index("--num-workers") + 1]) if "--num-workers" in entry else config["num_workers"]
     assert gpus == workers == config["num_workers"], "one GPU per training rank"
 
@@ -533,7 +619,9 @@ def test_rayservice_serves_the_platform_app():
 def test_mlflow_server_stores():
     (deploy,) = [d for _, d in k8s_docs() if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow"]
     args = " ".join(_containers(deploy["spec"]["template"])[0]["args"])
-    assert re.search(r"--backend-store-uri postgresql://\$\(DB_USER\):\$\(DB_PASSWORD\)@", args), "password from the Secret"
+    assert re.search(r"--backend-store-uri postgresql://\$\(DB_USER\):\$\(DB_PASSWORD\)@", args), (
+        "password from the Secret"
+    )
     assert "--artifacts-destination $(ARTIFACTS_DESTINATION)" in args and "--serve-artifacts" in args
     (config,) = [d for _, d in k8s_docs() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "mlflow-config"]
     assert config["data"]["ARTIFACTS_DESTINATION"].startswith("s3://")
@@ -576,6 +664,7 @@ def test_environment_variables_read_by_the_code_are_documented():
 
 # ------------------------------------------------------------- the checkers catch what is wrong
 
+
 def test_check_command_catches_bad_references():
     good = "python training/train_gm.py --config training/configs/gm_multinode.yaml --num-workers 32 --use-gpu"
     assert check_command(good) == []
@@ -608,19 +697,51 @@ def test_check_k8s_catches_bad_manifests():
         change(next(d for _, d in copied if d["kind"] == kind))
         return check_k8s(copied, images, version)
 
-    assert mutate("RayJob", lambda d: d["spec"].update(entrypoint="python training/train_gm.py --config training/configs/missing.yaml"))
+    assert mutate(
+        "RayJob",
+        lambda d: d["spec"].update(entrypoint="python training/train_gm.py --config training/configs/missing.yaml"),
+    )
     assert mutate("RayJob", lambda d: d["spec"].update(entrypoint="echo hello"))
-    assert mutate("RayService", lambda d: d["spec"].update(serveConfigV2=d["spec"]["serveConfigV2"].replace("serving.app:build_app", "serving.nope:build_app")))
+    assert mutate(
+        "RayService",
+        lambda d: d["spec"].update(
+            serveConfigV2=d["spec"]["serveConfigV2"].replace("serving.app:build_app", "serving.nope:build_app")
+        ),
+    )
     assert mutate("RayService", lambda d: d["spec"].update(serveConfigV2="applications: [unclosed"))
-    assert mutate("RayCluster", lambda d: d["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].update(image="ghcr.io/your-org/diffbir-platform:0.0.9"))
-    assert mutate("RayCluster", lambda d: d["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0].pop("resources"))
+    assert mutate(
+        "RayCluster",
+        lambda d: d["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].update(
+            image="ghcr.io/your-org/diffbir-platform:0.0.9"
+        ),
+    )
+    assert mutate(
+        "RayCluster", lambda d: d["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0].pop("resources")
+    )
     assert mutate("RayCluster", lambda d: d.update(apiVersion="ray.io/v1alpha1"))
     assert mutate("RayCluster", lambda d: d["spec"].update(rayVersion="2.9.0"))
     assert mutate("RayCluster", lambda d: d["spec"].pop("headGroupSpec"))
-    assert mutate("RayCluster", lambda d: d["spec"]["headGroupSpec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"].update(claimName="nope"))
-    assert mutate("RayCluster", lambda d: d["spec"]["headGroupSpec"]["template"]["spec"].update(serviceAccountName="nope"))
-    assert mutate("RayCluster", lambda d: d["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["envFrom"][0]["configMapRef"].update(name="nope"))
-    assert mutate("RayService", lambda d: d["spec"].update(serveConfigV2=d["spec"]["serveConfigV2"].replace("max_batch_size", "max_bacth_size")))
+    assert mutate(
+        "RayCluster",
+        lambda d: d["spec"]["headGroupSpec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"].update(
+            claimName="nope"
+        ),
+    )
+    assert mutate(
+        "RayCluster", lambda d: d["spec"]["headGroupSpec"]["template"]["spec"].update(serviceAccountName="nope")
+    )
+    assert mutate(
+        "RayCluster",
+        lambda d: d["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["envFrom"][0]["configMapRef"].update(
+            name="nope"
+        ),
+    )
+    assert mutate(
+        "RayService",
+        lambda d: d["spec"].update(
+            serveConfigV2=d["spec"]["serveConfigV2"].replace("max_batch_size", "max_bacth_size")
+        ),
+    )
 
 
 def test_check_launcher_catches_bad_configs():
@@ -637,5 +758,5 @@ def test_check_launcher_catches_bad_configs():
     assert mutate(lambda c: c["docker"].update(image="ghcr.io/your-org/diffbir-platform:latest"))
     assert mutate(lambda c: c["available_node_types"]["ray.worker.gpu"]["resources"].pop("GPU"))
     assert mutate(lambda c: c.update(max_workers=1))
-    assert mutate(lambda c: c.update(no_such_key=1))                        # Ray's schema
+    assert mutate(lambda c: c.update(no_such_key=1))  # Ray's schema
     assert mutate(lambda c: c["provider"].pop("region"))

@@ -1,13 +1,13 @@
 """Parity with the reference implementation: fixtures b (VAE) and c (UNet + IRControlNet), tiny
 weights through the official-layout converters, then the same through the platform format, and
 full-size models built by the key-based initialisation (slow)."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-from conftest import SINGLE_EVAL, assert_close_golden, full_key_shapes, load_fixture
 
 from diffbir.checkpoints.loading import load_model
 from diffbir.checkpoints.official import split_official
@@ -15,6 +15,8 @@ from diffbir.checkpoints.parts import build_part, infer_config
 from diffbir.cli import main as cli_main
 from diffbir.models.cldm import ControlLDM
 from diffbir.utils.keyed_init import keyed_state_dict
+
+from conftest import SINGLE_EVAL, assert_close_golden, full_key_shapes, load_fixture
 
 
 def check_vae(cldm: ControlLDM, fx: dict, prefix: str = "") -> None:
@@ -64,12 +66,17 @@ def test_tiny_vae_and_cldm(golden, tiny_bundle):
         check_cldm(cldm, fx, case, fx["c_txt"], fx["c_img"])
 
 
-def test_convert_roundtrip_gives_identical_outputs(golden, tiny_configs, tiny_bundle, tmp_path):
-    weights = golden / "weights"
+def test_convert_roundtrip_gives_identical_outputs(golden, golden_weights, tiny_configs, tiny_bundle, tmp_path):
+    weights = golden_weights
     heads = str(tiny_configs["cldm"]["params"]["unet_cfg"]["num_head_channels"])
     out = tmp_path / "model"
-    files = [weights / n for n in ("sd21_tiny.safetensors", "ircontrolnet_tiny.safetensors", "swinir_tiny_statedict_module.ckpt")]
-    assert cli_main(["convert", *map(str, files), "-o", str(out), "--num-head-channels", heads, "--schedule", "v2.1"]) == 0
+    files = [
+        weights / n
+        for n in ("sd21_tiny.safetensors", "ircontrolnet_tiny.safetensors", "swinir_tiny_statedict_module.ckpt")
+    ]
+    assert (
+        cli_main(["convert", *map(str, files), "-o", str(out), "--num-head-channels", heads, "--schedule", "v2.1"]) == 0
+    )
     manifest = json.loads((out / "model.json").read_text())
     assert set(manifest["parts"]) == {"unet", "vae", "controlnet", "swinir"}
     assert manifest["diffusion"]["parameterization"] == "v" and manifest["diffusion"]["zero_snr"]
@@ -93,14 +100,17 @@ def test_convert_roundtrip_gives_identical_outputs(golden, tiny_configs, tiny_bu
     assert cli_main(["convert", *map(str, files), "-o", str(out), "--num-head-channels", heads]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     bf16 = tmp_path / "bf16"
-    assert cli_main(["convert", *map(str, files), "-o", str(bf16), "--num-head-channels", heads, "--dtype", "bfloat16"]) == 0
+    assert (
+        cli_main(["convert", *map(str, files), "-o", str(bf16), "--num-head-channels", heads, "--dtype", "bfloat16"])
+        == 0
+    )
     assert load_model(bf16).parts["unet"].module.conv_in.weight.dtype == torch.bfloat16
 
 
-def test_same_part_twice_is_refused(golden, tiny_configs):
+def test_same_part_twice_is_refused(golden_weights, tiny_configs):
     from diffbir.checkpoints.io import CheckpointError
 
-    sd = golden / "weights" / "sd21_tiny.safetensors"
+    sd = golden_weights / "sd21_tiny.safetensors"
     with pytest.raises(CheckpointError, match="part again"):
         load_model([sd, sd], num_head_channels=tiny_configs["cldm"]["params"]["unet_cfg"]["num_head_channels"])
 

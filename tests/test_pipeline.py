@@ -1,4 +1,5 @@
 """RestorationPipeline and `diffbir restore` on the tiny reference weights and real photos."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -49,23 +50,42 @@ def test_batches_are_independent_of_their_mates_and_deterministic(pipe):
 @pytest.mark.parametrize("space", ["rgb", "latent"])
 def test_guidance_and_tiling_run_together(pipe, space):
     img = data.coffee()[:64, :160].astype(np.float32) / 255
-    opts = RestoreOptions(task="denoise", guidance_scale=0.05, guidance_space=space, tiled=True, tile_size=64,
-                          tile_stride=32, **FAST)
+    opts = RestoreOptions(
+        task="denoise", guidance_scale=0.05, guidance_space=space, tiled=True, tile_size=64, tile_stride=32, **FAST
+    )
     (out,) = pipe([img], opts)
     assert out.shape == img.shape and np.isfinite(out).all()
 
 
-def test_restore_cli_folders_resume_and_bad_files(golden, tiny_configs, tmp_path, capsys):
+def test_restore_cli_folders_resume_and_bad_files(golden_weights, tiny_configs, tmp_path, capsys):
     src = tmp_path / "in"
     (src / "sub").mkdir(parents=True)
     Image.fromarray(data.astronaut()[:64, :96]).save(src / "a.png")
     Image.fromarray(data.camera()[:48, :64]).save(src / "sub" / "gray.jpg")
     (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    weights = golden / "weights"
-    model = [str(weights / n) for n in ("sd21_tiny.safetensors", "ircontrolnet_tiny.safetensors", "swinir_tiny.safetensors")]
+    weights = golden_weights
+    model = [
+        str(weights / n) for n in ("sd21_tiny.safetensors", "ircontrolnet_tiny.safetensors", "swinir_tiny.safetensors")
+    ]
     heads = str(tiny_configs["cldm"]["params"]["unet_cfg"]["num_head_channels"])
-    argv = ["restore", str(src), "-o", str(tmp_path / "out"), "--num-head-channels", heads, "--task", "sr",
-            "--upscale", "2", "--steps", "2", "--min-side", "64", "--cfg-scale", "1"]
+    argv = [
+        "restore",
+        str(src),
+        "-o",
+        str(tmp_path / "out"),
+        "--num-head-channels",
+        heads,
+        "--task",
+        "sr",
+        "--upscale",
+        "2",
+        "--steps",
+        "2",
+        "--min-side",
+        "64",
+        "--cfg-scale",
+        "1",
+    ]
     for m in model:
         argv += ["-m", m]
     assert cli_main(argv) == 1  # one unreadable file: reported, the rest restored

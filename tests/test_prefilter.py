@@ -1,4 +1,5 @@
 """The metadata prefilter on a real local Ray, against the embedded sample's expected fates."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -52,17 +53,24 @@ def test_missing_column_is_named_with_its_file(sample, tmp_path):
 
 
 def test_wrong_types_error_or_are_coerced_and_counted(tmp_path):
-    bad = pa.table({"URL": ["u"], "TEXT": ["t"], "WIDTH": pa.array([[1]]), "HEIGHT": [600],
-                    "pwatermark": [0.1], "punsafe": [0.1]})
+    bad = pa.table(
+        {"URL": ["u"], "TEXT": ["t"], "WIDTH": pa.array([[1]]), "HEIGHT": [600], "pwatermark": [0.1], "punsafe": [0.1]}
+    )
     pq.write_table(bad, tmp_path / "list_width.parquet")
     with pytest.raises(TypeError, match=r"list_width\.parquet: column 'WIDTH' is list<"):
         check_schemas(*parquet_files(tmp_path / "list_width.parquet"), PrefilterConfig())
 
-    as_text = pd.DataFrame({
-        "URL": list("abcdef"), "TEXT": ["t"] * 6, "WIDTH": ["800", "eight hundred", "800", "300", "800", "800"],
-        "HEIGHT": [600] * 6, "pwatermark": [0.1, 0.1, None, 0.1, 0.1, 0.1], "punsafe": [0.1] * 6,
-        "AESTHETIC_SCORE": [5.0, 5.0, 5.0, 5.0, None, 3.0],
-    })
+    as_text = pd.DataFrame(
+        {
+            "URL": list("abcdef"),
+            "TEXT": ["t"] * 6,
+            "WIDTH": ["800", "eight hundred", "800", "300", "800", "800"],
+            "HEIGHT": [600] * 6,
+            "pwatermark": [0.1, 0.1, None, 0.1, 0.1, 0.1],
+            "punsafe": [0.1] * 6,
+            "AESTHETIC_SCORE": [5.0, 5.0, 5.0, 5.0, None, 3.0],
+        }
+    )
     flagged = _flag(as_text, PrefilterConfig())
     # an unscored row (e) escapes only the aesthetic check; a missing required value does not (c)
     assert flagged["_reject"].tolist() == ["", "invalid_WIDTH", "invalid_pwatermark", "min_side", "", "aesthetic"]
@@ -75,14 +83,20 @@ def test_url_dedup_spans_files_and_buckets_and_keeps_the_best_row(tmp_path, monk
     monkeypatch.setattr("pipelines.prefilter.PARTITION_BYTES", 20_000)  # 3 partitions × 4 buckets
     rng = np.random.default_rng(0)
     n = 3000
-    df = pd.DataFrame({
-        "URL": [f"https://example.com/{u}.jpg" for u in rng.integers(0, 1200, n)],  # ~1200 URLs, most repeated
-        "TEXT": [f"caption {t}" for t in rng.integers(0, 5, n)], "WIDTH": 800, "HEIGHT": 600,
-        "similarity": rng.integers(0, 3, n) / 10, "pwatermark": 0.1, "punsafe": 0.1,
-    })
+    df = pd.DataFrame(
+        {
+            "URL": [f"https://example.com/{u}.jpg" for u in rng.integers(0, 1200, n)],  # ~1200 URLs, most repeated
+            "TEXT": [f"caption {t}" for t in rng.integers(0, 5, n)],
+            "WIDTH": 800,
+            "HEIGHT": 600,
+            "similarity": rng.integers(0, 3, n) / 10,
+            "pwatermark": 0.1,
+            "punsafe": 0.1,
+        }
+    )
     (tmp_path / "meta").mkdir()
     for i in range(3):
-        part = df.iloc[i * n // 3:(i + 1) * n // 3]
+        part = df.iloc[i * n // 3 : (i + 1) * n // 3]
         pq.write_table(pa.Table.from_pandas(part, preserve_index=False), tmp_path / "meta" / f"{i}.parquet")
     ensure_ray()
     first = prefilter(tmp_path / "meta", tmp_path / "a")

@@ -1,4 +1,5 @@
 """training/promote.py against a real MLflow store, real tiny models and real photos."""
+
 from __future__ import annotations
 
 import json
@@ -11,11 +12,12 @@ import cv2
 import pytest
 from mlflow import MlflowClient
 from skimage import data
-from test_registry import mlflow_store, new_run, save_tiny  # noqa: F401 (mlflow_store is a fixture)
 
 from diffbir.config import build_parser, load_config
 from training import registry
 from training.promote import PromoteConfig, main, promote
+
+from conftest import new_run, save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "diffbir-promote"
@@ -58,8 +60,18 @@ def test_promotion_sequence(mlflow_store, tiny_bundle, heldout, capsys):
 
     # v2, the reference weights, is better: promoted, through the CLI
     assert register(mlflow_store, tiny_bundle, "good2", 0.0) == "2"
-    argv = ["--config", str(ROOT / "training/configs/promote.yaml"), "--model-name", NAME, "--heldout", str(heldout),
-            "--tracking-dir", str(mlflow_store / "store"), "--crop-size", "64"]  # fmt: skip
+    argv = [
+        "--config",
+        str(ROOT / "training/configs/promote.yaml"),
+        "--model-name",
+        NAME,
+        "--heldout",
+        str(heldout),
+        "--tracking-dir",
+        str(mlflow_store / "store"),
+        "--crop-size",
+        "64",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "candidate v2 vs @champion v1" in out and "decision: promoted" in out and "@champion -> v2" in out
@@ -110,8 +122,22 @@ def test_dry_run_and_shards_score_like_a_folder(mlflow_store, tiny_bundle, heldo
 def test_script_runs(mlflow_store, tiny_bundle, heldout, monkeypatch, capsys):
     """`make promote` runs the file as a script (here in-process: a new interpreter costs seconds)."""
     version = register(mlflow_store, tiny_bundle, "script", 0.0)
-    argv = ["promote.py", "--model-name", NAME, "--heldout", str(heldout), "--crop-size", "64", "--max-images", "1",
-            "--tracking-dir", str(mlflow_store / "store"), "--candidate", version, "--dry-run"]  # fmt: skip
+    argv = [
+        "promote.py",
+        "--model-name",
+        NAME,
+        "--heldout",
+        str(heldout),
+        "--crop-size",
+        "64",
+        "--max-images",
+        "1",
+        "--tracking-dir",
+        str(mlflow_store / "store"),
+        "--candidate",
+        version,
+        "--dry-run",
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_:
         runpy.run_path(str(ROOT / "training/promote.py"), run_name="__main__")

@@ -1,5 +1,6 @@
 """Quality measurements and the filter on real photos (scikit-image's bundled set) and on
 degraded variants made from them; the Ray Data stage on real webdataset tars."""
+
 from __future__ import annotations
 
 import io
@@ -28,9 +29,16 @@ def at_least_512(img: np.ndarray) -> np.ndarray:
     return img if f <= 1 else cv2.resize(img, (round(w * f), round(h * f)), interpolation=cv2.INTER_CUBIC)
 
 
-PHOTOS = {name: at_least_512(load()) for name, load in {
-    "astronaut": data.astronaut, "chelsea": data.chelsea, "coffee": data.coffee, "rocket": data.rocket,
-    "motorcycle_left": lambda: data.stereo_motorcycle()[0]}.items()}
+PHOTOS = {
+    name: at_least_512(load())
+    for name, load in {
+        "astronaut": data.astronaut,
+        "chelsea": data.chelsea,
+        "coffee": data.coffee,
+        "rocket": data.rocket,
+        "motorcycle_left": lambda: data.stereo_motorcycle()[0],
+    }.items()
+}
 ASTRONAUT = PHOTOS["astronaut"]
 
 
@@ -74,7 +82,10 @@ VARIANTS = {  # name: (photo → encoded degraded copy, the reason it must be re
     "underexposed": (lambda im: encode((im * 0.15).astype(np.uint8)), "underexposed"),
     "overexposed": (lambda im: encode(np.clip(im * 3.0, 0, 255).astype(np.uint8)), "overexposed"),
     "upscaled_4x_from_small": (lambda im: encode(upscaled_from(im, 4)), "low_effective_resolution"),
-    "small": (lambda im: encode(cv2.resize(im, (im.shape[1] * 300 // im.shape[0], 300), interpolation=cv2.INTER_AREA)), "too_small"),
+    "small": (
+        lambda im: encode(cv2.resize(im, (im.shape[1] * 300 // im.shape[0], 300), interpolation=cv2.INTER_AREA)),
+        "too_small",
+    ),
 }
 
 
@@ -101,7 +112,9 @@ def test_sharpness_is_size_normalised_and_falls_with_blur():
     assert blurred == sorted(blurred, reverse=True) and blurred[-1] < 10
     # one scene at 1411, 900 and 600 px: the raw Laplacian variance spans 8×, the normalised 5 %
     retina = data.retina()
-    sizes = [retina] + [np.asarray(Image.fromarray(retina).resize((s, s), Image.Resampling.LANCZOS)) for s in (900, 600)]
+    sizes = [retina] + [
+        np.asarray(Image.fromarray(retina).resize((s, s), Image.Resampling.LANCZOS)) for s in (900, 600)
+    ]
     raw = [cv2.Laplacian(q.to_gray(im).astype(np.float32), cv2.CV_32F).var() for im in sizes]
     normalised = [q.sharpness(im) for im in sizes]
     assert max(raw) / min(raw) > 5 and max(normalised) / min(normalised) < 1.05
@@ -131,14 +144,25 @@ def test_blockiness_entropy_flatness_exposure():
     for img in PHOTOS.values():
         stats = q.luminance_stats(img)
         assert stats["entropy"] > 6 and q.flat_fraction(img) < 0.8
-        assert 0 <= stats["dark_fraction"] < 0.25 and stats["bright_fraction"] < 0.2 and 0.1 < stats["mean_luminance"] < 0.9
+        assert (
+            0 <= stats["dark_fraction"] < 0.25
+            and stats["bright_fraction"] < 0.2
+            and 0.1 < stats["mean_luminance"] < 0.9
+        )
     assert q.luminance_stats((ASTRONAUT * 0.15).astype(np.uint8))["mean_luminance"] < 0.1
     assert q.luminance_stats(np.clip(ASTRONAUT * 3.0, 0, 255).astype(np.uint8))["bright_fraction"] > 0.4
 
 
-@pytest.mark.parametrize("bad", [
-    b"", b"not an image at all", encode(ASTRONAUT, "JPEG", quality=90)[:4000], encode(ASTRONAUT)[:20000],
-    b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"",
+        b"not an image at all",
+        encode(ASTRONAUT, "JPEG", quality=90)[:4000],
+        encode(ASTRONAUT)[:20000],
+        b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8,
+    ],
+)
 def test_bad_bytes_are_decode_errors_not_exceptions(bad):
     result = q.assess(bad)
     assert result == q.QualityResult({}, False, ["decode_error"])
@@ -170,6 +194,7 @@ def test_config_is_strict_and_checks_can_be_disabled():
 
 class TinyIQA(q.TorchIQA):
     """Stands in for a real scorer: mean brightness in [0, 1] once its weights are loaded."""
+
     input_size = 32
 
     def build(self):
@@ -198,16 +223,32 @@ def test_learned_iqa_scores_and_thresholds(tiny_weights, tmp_path):
         cfg = q.LearnedIQAConfig(name="tiny-test", weights_path=str(weights), min_score=0.2)
         result = q.assess(encode(ASTRONAUT), config=q.QualityConfig(learned_iqa=cfg))
         assert result.passed and result.scores["learned_iqa"] == pytest.approx(ASTRONAUT.mean() / 255, abs=0.02)
-    strict = q.QualityConfig(learned_iqa=q.LearnedIQAConfig(name="tiny-test", weights_path=str(tiny_weights), min_score=0.9))
+    strict = q.QualityConfig(
+        learned_iqa=q.LearnedIQAConfig(name="tiny-test", weights_path=str(tiny_weights), min_score=0.9)
+    )
     assert q.assess(encode(ASTRONAUT), config=strict).reasons == ["low_learned_iqa"]
     assert strict.thresholds()["learned_iqa"] == [("min", 0.9)]
 
 
 def test_learned_iqa_batches_through_the_stage_body(tiny_weights):
-    cfg = q.QualityConfig(learned_iqa=q.LearnedIQAConfig(name="tiny-test", weights_path=str(tiny_weights), min_score=0.2))
+    cfg = q.QualityConfig(
+        learned_iqa=q.LearnedIQAConfig(name="tiny-test", weights_path=str(tiny_weights), min_score=0.2)
+    )
     scorer = q._Scorer(cfg)
-    rows = [{"key": k, "source": "x.tar", "offset": 0, "size": len(b), "ext": "png", "image": b, "caption": "",
-             "meta": "{}", "error": None} for k, b in [("a", encode(ASTRONAUT)), ("b", b"junk"), ("c", encode(PHOTOS["coffee"]))]]
+    rows = [
+        {
+            "key": k,
+            "source": "x.tar",
+            "offset": 0,
+            "size": len(b),
+            "ext": "png",
+            "image": b,
+            "caption": "",
+            "meta": "{}",
+            "error": None,
+        }
+        for k, b in [("a", encode(ASTRONAUT)), ("b", b"junk"), ("c", encode(PHOTOS["coffee"]))]
+    ]
     out = scorer(pa.Table.from_pylist(rows, schema=q.READ_SCHEMA)).to_pylist()
     assert [r["passed"] for r in out] == [True, False, True] and out[1]["learned_iqa"] is None
     assert out[2]["learned_iqa"] == pytest.approx(PHOTOS["coffee"].mean() / 255, abs=0.02)
@@ -225,8 +266,17 @@ def test_learned_iqa_missing_weights_is_a_clear_error(tmp_path):
 
 
 def sample(key: str, img_bytes: bytes | None, ext: str = "png", meta: dict | None = None) -> tuple[str, dict]:
-    meta = {"url": f"http://127.0.0.1/{key}.{ext}", "caption": f"photo {key}", "status": "success",
-            "similarity": 0.31, "AESTHETIC_SCORE": 5.2} if meta is None else meta
+    meta = (
+        {
+            "url": f"http://127.0.0.1/{key}.{ext}",
+            "caption": f"photo {key}",
+            "status": "success",
+            "similarity": 0.31,
+            "AESTHETIC_SCORE": 5.2,
+        }
+        if meta is None
+        else meta
+    )
     members = {ext: img_bytes} if img_bytes is not None else {}
     return key, members | {"txt": f"photo {key}".encode(), "json": json.dumps(meta).encode()}
 
@@ -240,27 +290,43 @@ def ray_local():
 
 
 def test_filter_quality_on_tars(tmp_path, ray_local):
-    good = [sample("000000000", encode(ASTRONAUT)), sample("000000001", encode(PHOTOS["coffee"], "JPEG", quality=92), "jpg")]
-    bad = [sample("000000002", encode(cv2.GaussianBlur(ASTRONAUT, (0, 0), 4))),  # blurry too, but counted first as this
-           sample("000000003", encode(noisy(PHOTOS["rocket"], 25))),
-           sample("000000004", encode(ASTRONAUT, "JPEG", quality=10), "jpg"),
-           sample("000000005", b"\x89PNG garbage"),
-           sample("000000006", None),
-           ("000000007", {"png": encode(PHOTOS["chelsea"]), "json": b"{not json"})]
+    good = [
+        sample("000000000", encode(ASTRONAUT)),
+        sample("000000001", encode(PHOTOS["coffee"], "JPEG", quality=92), "jpg"),
+    ]
+    bad = [
+        sample("000000002", encode(cv2.GaussianBlur(ASTRONAUT, (0, 0), 4))),  # blurry too, but counted first as this
+        sample("000000003", encode(noisy(PHOTOS["rocket"], 25))),
+        sample("000000004", encode(ASTRONAUT, "JPEG", quality=10), "jpg"),
+        sample("000000005", b"\x89PNG garbage"),
+        sample("000000006", None),
+        ("000000007", {"png": encode(PHOTOS["chelsea"]), "json": b"{not json"}),
+    ]
     with open(tmp_path / "00000.tar", "wb") as f:
         write_tar(f, good + bad)
     # a truncated tar: its first sample survives, then the read fails part-way through the second
     buf = io.BytesIO()
-    write_tar(buf, [sample("000010000", encode(PHOTOS["motorcycle_left"])), sample("000010001", encode(PHOTOS["chelsea"]))])
-    first_len = 3 * 512 + sum(len(v) + (-len(v)) % 512 for v in sample("000010000", encode(PHOTOS["motorcycle_left"]))[1].values())
+    write_tar(
+        buf, [sample("000010000", encode(PHOTOS["motorcycle_left"])), sample("000010001", encode(PHOTOS["chelsea"]))]
+    )
+    first_len = 3 * 512 + sum(
+        len(v) + (-len(v)) % 512 for v in sample("000010000", encode(PHOTOS["motorcycle_left"]))[1].values()
+    )
     (tmp_path / "00001.tar").write_bytes(buf.getvalue()[: first_len + 2048])
     (tmp_path / "00001_stats.json").write_text("{}")  # img2dataset's side files are not read
 
     kept, rejected = q.filter_quality(str(tmp_path), q.QualityConfig())
     rows = {r["key"]: r for r in kept.take_all()}
     assert sorted(rows) == ["000000000", "000000001", "000010000"]
-    assert rejected == {"low_effective_resolution": 1, "noisy": 1, "low_jpeg_quality": 1, "decode_error": 1, "missing_image": 1,
-                        "bad_metadata": 1, "tar_error": 1}
+    assert rejected == {
+        "low_effective_resolution": 1,
+        "noisy": 1,
+        "low_jpeg_quality": 1,
+        "decode_error": 1,
+        "missing_image": 1,
+        "bad_metadata": 1,
+        "tar_error": 1,
+    }
     coffee = rows["000000001"]
     assert coffee["jpeg_quality"] == 92 and coffee["ext"] == "jpg" and coffee["caption"] == "photo 000000001"
     with open(coffee["source"], "rb") as f:  # the row points at the original bytes

@@ -1,58 +1,22 @@
 """training.registry on a real MLflow store (SQLite in tmp) with real platform models (tiny weights)."""
+
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
-from mlflow import MlflowClient
 
 from diffbir.checkpoints.io import CheckpointError
 from diffbir.checkpoints.loading import load_model
-from diffbir.checkpoints.platform import save_model_dir
 from training import registry
 from training.registry import RegistryError
 
+from conftest import new_run, save_tiny
+
 NAME = "diffbir-test"
-
-
-def save_tiny(out_dir: Path, bundle, noise: float = 0.0, parts: list[str] | None = None) -> Path:
-    """The tiny reference model (or some of its `parts`) as a platform directory; `noise` > 0
-    perturbs the SwinIR weights (seeded), which makes a worse stage 1."""
-    parts = {name: (p.module, p.config) for name, p in bundle.parts.items() if parts is None or name in parts}
-    if noise:
-        swinir = copy.deepcopy(bundle.parts["swinir"].module)
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for p in swinir.parameters():
-                p.add_(torch.randn(p.shape, generator=gen) * noise)
-        parts["swinir"] = (swinir, bundle.parts["swinir"].config)
-    save_model_dir(out_dir, parts, diffusion=bundle.diffusion)
-    return out_dir
-
-
-def new_run() -> str:
-    """A finished training run to hang versions on."""
-    client = MlflowClient()
-    run = client.create_run(registry.experiment_id("diffbir-tests"))
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
-
-
-@pytest.fixture(scope="module")
-def mlflow_store(tmp_path_factory):
-    """A fresh local store (SQLite + artifact dir) and model cache, for one test module."""
-    root = tmp_path_factory.mktemp("mlflow")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.setenv(registry.CACHE_ENV, str(root / "cache"))
-        mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        registry.configure(root / "store")
-        yield root
-        mlflow.set_tracking_uri(None)  # also clears the MLFLOW_TRACKING_URI that MLflow exported
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """The embedded LAION sample: its manifest, its files and the loopback server that serves them."""
+
 from __future__ import annotations
 
 import io
@@ -51,10 +52,25 @@ def test_manifest_covers_every_metadata_row(sample):
         assert row["duplicate_of"] is None or row["duplicate_of"] in kept
         assert row["url"].startswith("http://127.0.0.1:")
     fates = {r["fate"] for r in sample.rows}
-    for fate in ("kept", "prefilter:min_side", "prefilter:aspect_ratio", "prefilter:watermark", "prefilter:nsfw",
-                 "prefilter:aesthetic", "prefilter:duplicate_url", "download:http_404", "download:timeout",
-                 "download:decode_error", "download:too_small", "quality:blur", "quality:jpeg", "quality:noise",
-                 "quality:flat", "dedup:exact", "dedup:near"):
+    for fate in (
+        "kept",
+        "prefilter:min_side",
+        "prefilter:aspect_ratio",
+        "prefilter:watermark",
+        "prefilter:nsfw",
+        "prefilter:aesthetic",
+        "prefilter:duplicate_url",
+        "download:http_404",
+        "download:timeout",
+        "download:decode_error",
+        "download:too_small",
+        "quality:blur",
+        "quality:jpeg",
+        "quality:noise",
+        "quality:flat",
+        "dedup:exact",
+        "dedup:near",
+    ):
         assert fate in fates
 
 

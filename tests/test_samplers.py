@@ -1,5 +1,6 @@
 """Samplers: fixture f (the reference's spaced DDPM, eps and zero-SNR v), every sampler on the tiny
 model, and every sampler against analytic denoisers (exact answers known in closed form)."""
+
 from __future__ import annotations
 
 import math
@@ -7,7 +8,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SAMPLING, assert_close_golden, load_fixture
 
 from diffbir.colorfix import wavelet_reconstruction
 from diffbir.config import DiffusionConfig
@@ -23,7 +23,13 @@ from diffbir.sampling import (
 )
 from diffbir.sampling.samplers import STOCHASTIC
 
-CONFIGS = {"eps": DiffusionConfig(), "v": DiffusionConfig(parameterization="v"), "zsnr_v": DiffusionConfig.preset("v2.1")}
+from conftest import SAMPLING, assert_close_golden, load_fixture
+
+CONFIGS = {
+    "eps": DiffusionConfig(),
+    "v": DiffusionConfig(parameterization="v"),
+    "zsnr_v": DiffusionConfig.preset("v2.1"),
+}
 DETERMINISTIC = [s for s in SAMPLERS if s not in STOCHASTIC]
 
 
@@ -191,7 +197,9 @@ def test_point_mass_recovered(sampler, config):
 
     steps, seen_t = [], []
     den = Denoiser(lambda x, t: seen_t.append(float(t)) or analytic_model(cfg, lambda x_t, ab: x0)(x, t), cfg)
-    z = sample(den, x_T, sampler, 10, noise=gaussian_noise(gen), x0_hook=lambda x0_, step: steps.append(step) or x0_ + 1)
+    z = sample(
+        den, x_T, sampler, 10, noise=gaussian_noise(gen), x0_hook=lambda x0_, step: steps.append(step) or x0_ + 1
+    )
     torch.testing.assert_close(z, x0 + 1, rtol=0, atol=2e-4)
     assert [s.t for s in steps] == pytest.approx(seen_t, abs=1e-3)  # one hook call per model call
     assert steps[0].t == pytest.approx(999) and steps[-1].alpha_bar_next == 1.0

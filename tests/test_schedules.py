@@ -1,17 +1,19 @@
 """Noise schedules: fixture d (training and spaced schedules, v2 and v2.1) plus the properties the
 samplers rely on (fractional timesteps, Karras sigmas, diffusers configured the same way)."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-from conftest import load_fixture
 
 from diffbir.config import DiffusionConfig
 from diffbir.sampling.denoiser import Step
 from diffbir.sampling.samplers import _DIFFUSERS, make_scheduler
 from diffbir.sampling.schedules import NoiseSchedule, SpacedSchedule, space_timesteps
+
+from conftest import load_fixture
 
 # fixture d names the spaced alpha_bar after where it is taken
 _ATTRIBUTE = {"alphas_cumprod_at_timesteps": "alphas_cumprod"}

@@ -1,9 +1,9 @@
 """serving/: the Ray Serve restoration API over real HTTP on 127.0.0.1, on a real local Ray, with
 two tiny model versions in a real MLflow store; plus its pure parts (negotiation, grouping, config)."""
+
 from __future__ import annotations
 
 import io
-import socket
 import struct
 import time
 import zlib
@@ -19,33 +19,26 @@ from PIL import Image
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 from skimage import data
-from test_registry import mlflow_store, new_run, save_tiny  # noqa: F401 (mlflow_store is a fixture)
 
 from diffbir.config import build_parser
 from diffbir.image_io import decode_image, encode_image
 from diffbir.pipeline import RestorationPipeline, RestoreOptions
-from pipelines.ray_env import ensure_ray
+from pipelines.ray_env import ensure_ray, free_port
 from serving.app import build_app, run
 from serving.config import TOKEN_ENV, ServeConfig, parse_config
 from serving.limits import ApiError, negotiate
 from serving.model import Job, restore_jobs
 from training import registry
 
+from conftest import DEFAULTS, TOKEN, new_run, save_tiny
+
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "diffbir-serve"
-TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-DEFAULTS = {"min_side": 64, "steps": 2, "cfg_scale": 1.0}  # tiny work: 64-pixel canvases, 2 steps
 LONG_STEPS = 20  # the server's max_steps here: a batch of four 128x128 images takes seconds
 
 
 # ---------------------------------------------------------------- helpers (the web test uses them too)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def photo(name: str, h: int, w: int) -> np.ndarray:
@@ -155,8 +148,20 @@ def test_yaml_configs_and_flags(monkeypatch):
     assert cfg == ServeConfig()  # the YAML states the defaults
     fields = {a.dest for a in build_parser(ServeConfig)._actions} - {"help", "config"}
     assert fields == set(ServeConfig.model_fields)  # every field has a flag
-    cfg = parse_config(["--config", str(ROOT / "serving/configs/serve.yaml"), "--port", "9001",
-                        "--autoscaling", '{"max_replicas": 3}', "--defaults", '{"steps": 20}', "--num-gpus", "1"])  # fmt: skip
+    cfg = parse_config(
+        [
+            "--config",
+            str(ROOT / "serving/configs/serve.yaml"),
+            "--port",
+            "9001",
+            "--autoscaling",
+            '{"max_replicas": 3}',
+            "--defaults",
+            '{"steps": 20}',
+            "--num-gpus",
+            "1",
+        ]
+    )
     assert (cfg.port, cfg.autoscaling.max_replicas, cfg.defaults) == (9001, 3, {"steps": 20})
     options = cfg.deployment_options()
     assert options["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in options
@@ -193,7 +198,9 @@ def test_serve_deploy_config_builds_the_app(monkeypatch):
 def versions(mlflow_store, tiny_bundle) -> dict[str, RestorationPipeline]:
     """v1: the tiny reference weights, v2: stage 1 perturbed; @champion -> v1. Their pipelines."""
     for i, noise in ((1, 0.0), (2, 0.05)):
-        assert registry.register_model(new_run(), save_tiny(mlflow_store / f"model{i}", tiny_bundle, noise), NAME) == str(i)
+        assert registry.register_model(
+            new_run(), save_tiny(mlflow_store / f"model{i}", tiny_bundle, noise), NAME
+        ) == str(i)
     registry.set_alias(NAME, "champion", "1")
     return {v: RestorationPipeline.from_pretrained(registry.resolve(f"models:/{NAME}/{v}")) for v in ("1", "2")}
 
@@ -234,7 +241,12 @@ def test_health_is_open_and_everything_else_needs_the_token(client):
     health = client.get("/healthz")
     assert health.status_code == 200 and health.json() == {"status": "ok", "model_version": "1"}
     image = png(photo("astronaut", 64, 64))
-    calls = [("GET", "/v1/model", None), ("GET", "/v1/stats", None), ("POST", "/v1/reload", None), ("POST", "/v1/restore", image)]
+    calls = [
+        ("GET", "/v1/model", None),
+        ("GET", "/v1/stats", None),
+        ("POST", "/v1/reload", None),
+        ("POST", "/v1/restore", image),
+    ]
     for method, path, body in calls:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
             r = client.request(method, path, content=body, headers=headers)
@@ -254,8 +266,13 @@ def test_restore_raw_and_multipart_match_the_pipeline(client, versions):
 
     # options as form fields win over the query; sr x2 doubles the size
     crop = png(photo("coffee", 48, 64))
-    form = client.post("/v1/restore", params={"task": "denoise", "seed": 1}, headers=AUTH,
-                       files={"file": ("coffee.png", crop, "image/png")}, data={"task": "sr", "upscale": "2", "seed": "11"})  # fmt: skip
+    form = client.post(
+        "/v1/restore",
+        params={"task": "denoise", "seed": 1},
+        headers=AUTH,
+        files={"file": ("coffee.png", crop, "image/png")},
+        data={"task": "sr", "upscale": "2", "seed": "11"},
+    )
     assert form.status_code == 200, form.text
     assert form.headers["X-Seed"] == "11"
     assert_same_restoration(form, direct(versions["1"], crop, 11, task="sr", upscale=2))
@@ -305,23 +322,41 @@ REFUSALS = [
     ("body over the limit (Content-Length)", dict(content=b"\0" * 70_000), 413, "payload_too_large", None),
     ("chunked body over the limit", dict(content=_chunks(80 * 1024)), 413, "payload_too_large", None),
     ("pixels over the limit, from the header", dict(content=_big_png()), 413, "payload_too_large", None),
-    ("a 100000x100000 PNG header (bomb)", dict(content=png_header_only(100_000, 100_000)), 413, "payload_too_large", None),
+    (
+        "a 100000x100000 PNG header (bomb)",
+        dict(content=png_header_only(100_000, 100_000)),
+        413,
+        "payload_too_large",
+        None,
+    ),
     ("not an image", dict(content=b"hello, world"), 415, "unsupported_media_type", None),
     ("a GIF", dict(content=_gif()), 415, "unsupported_media_type", None),
     ("a truncated PNG", dict(content=GOOD[: len(GOOD) // 2], params={"task": "denoise"}), 422, "corrupt_image", None),
     ("an empty body", dict(content=b""), 422, "missing_image", None),
     ("steps 0", dict(content=GOOD, params={"steps": 0}), 422, "invalid_option", "steps"),
-    ("steps over the server's maximum", dict(content=GOOD, params={"steps": LONG_STEPS + 1}), 422, "invalid_option", "steps"),
+    (
+        "steps over the server's maximum",
+        dict(content=GOOD, params={"steps": LONG_STEPS + 1}),
+        422,
+        "invalid_option",
+        "steps",
+    ),
     ("unknown task", dict(content=GOOD, params={"task": "colorize"}), 422, "invalid_option", "task"),
     ("unknown sampler", dict(content=GOOD, params={"sampler": "magic"}), 422, "invalid_option", "sampler"),
     ("not a number", dict(content=GOOD, params={"cfg_scale": "lots"}), 422, "invalid_option", "cfg_scale"),
     ("unknown option", dict(content=GOOD, params={"sharpen": 1}), 422, "invalid_option", "sharpen"),
     ("output too large (sr x4)", dict(content=GOOD, params={"task": "sr"}), 422, "invalid_option", "upscale"),
-    ("bad form field", dict(files={"file": ("a.png", GOOD)}, data={"guidance_space": "hsv"}), 422, "invalid_option", "guidance_space"),
+    (
+        "bad form field",
+        dict(files={"file": ("a.png", GOOD)}, data={"guidance_space": "hsv"}),
+        422,
+        "invalid_option",
+        "guidance_space",
+    ),
     ("multipart without a file", dict(files={"image": ("a.png", GOOD)}), 422, "missing_image", "file"),
     ("malformed multipart", dict(content=b"garbage", headers={"Content-Type": MULTIPART}), 400, "bad_multipart", None),
     ("no acceptable output", dict(content=GOOD, headers={"Accept": "image/gif"}), 406, "not_acceptable", None),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("what, request_args, status, code, field", REFUSALS, ids=[r[0] for r in REFUSALS])

@@ -1,4 +1,5 @@
 """Final shards (read back with webdataset), the parquet index, atomic commits, the stats report."""
+
 from __future__ import annotations
 
 import io
@@ -34,19 +35,38 @@ def download(tmp_path_factory):
     several formats) and one that the quality filter rejects."""
     root = tmp_path_factory.mktemp("download")
     astronaut, coffee, motorcycle = data.astronaut(), data.coffee(), data.stereo_motorcycle()[0]
-    images = {"000000000": ("png", encode(astronaut)),
-              "000000001": ("jpg", encode(np.ascontiguousarray(astronaut[:, ::-1]), "JPEG", quality=93)),
-              "000000002": ("webp", encode(motorcycle[:, :600], "WEBP", lossless=True)),
-              "000000003": ("jpg", encode(np.ascontiguousarray(coffee[::-1]), "JPEG", quality=88)),
-              "000000004": ("png", encode(astronaut[:, :, ::-1])),
-              "000000005": ("png", encode(np.full((600, 600, 3), 30, np.uint8)))}
-    samples = [(key, {ext: img, "txt": f"caption {key}".encode(),
-                      "json": json.dumps({"url": f"http://127.0.0.1/{key}.{ext}", "caption": f"caption {key}",
-                                          "status": "success", "punsafe": 0.01, "AESTHETIC_SCORE": 5.5}).encode()})
-               for key, (ext, img) in images.items()]
+    images = {
+        "000000000": ("png", encode(astronaut)),
+        "000000001": ("jpg", encode(np.ascontiguousarray(astronaut[:, ::-1]), "JPEG", quality=93)),
+        "000000002": ("webp", encode(motorcycle[:, :600], "WEBP", lossless=True)),
+        "000000003": ("jpg", encode(np.ascontiguousarray(coffee[::-1]), "JPEG", quality=88)),
+        "000000004": ("png", encode(astronaut[:, :, ::-1])),
+        "000000005": ("png", encode(np.full((600, 600, 3), 30, np.uint8))),
+    }
+    samples = [
+        (
+            key,
+            {
+                ext: img,
+                "txt": f"caption {key}".encode(),
+                "json": json.dumps(
+                    {
+                        "url": f"http://127.0.0.1/{key}.{ext}",
+                        "caption": f"caption {key}",
+                        "status": "success",
+                        "punsafe": 0.01,
+                        "AESTHETIC_SCORE": 5.5,
+                    }
+                ).encode(),
+            },
+        )
+        for key, (ext, img) in images.items()
+    ]
     with open(root / "00000.tar", "wb") as f:
         sh.write_tar(f, samples)
-    rows = score_rows(list(iter_tar_samples(str(root / "00000.tar"))), QualityConfig(min_short_side=400, min_effective_short_side=400))
+    rows = score_rows(
+        list(iter_tar_samples(str(root / "00000.tar"))), QualityConfig(min_short_side=400, min_effective_short_side=400)
+    )
     return {"images": images, "rows": rows, "kept": [r for r in rows if r["passed"]]}
 
 
@@ -75,7 +95,12 @@ def test_shards_read_back_by_webdataset_with_identical_bytes(download, tmp_path)
     assert index["shard"].tolist() == ["00000.tar"] * 2 + ["00001.tar"] * 2 + ["00002.tar"]
     for row in index.itertuples():
         rec = by_key[row.key]
-        assert (row.url, row.caption, row.width, row.height) == (json.loads(rec["meta"])["url"], rec["caption"], rec["width"], rec["height"])
+        assert (row.url, row.caption, row.width, row.height) == (
+            json.loads(rec["meta"])["url"],
+            rec["caption"],
+            rec["width"],
+            rec["height"],
+        )
         assert row.sharpness == pytest.approx(rec["sharpness"]) and row.sha256 == rec["sha256"]
     assert pd.isna(index.set_index("key").loc["000000000", "jpeg_quality"])
     assert index.set_index("key").loc["000000001", "jpeg_quality"] == 93
@@ -116,7 +141,11 @@ def test_object_store_url_and_unreadable_sources(download, tmp_path):
     result = sh.write_shards(kept, "memory://bucket/shards", sh.ShardConfig(samples_per_shard=2))
     assert result.rejected == {"checksum_mismatch": 1, "read_error": 1} and (result.n_in, result.n_out) == (5, 3)
     fs = fsspec.filesystem("memory")
-    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls("/bucket/shards", detail=False)) == ["00000.tar", "00001.tar", "index.parquet"]
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls("/bucket/shards", detail=False)) == [
+        "00000.tar",
+        "00001.tar",
+        "index.parquet",
+    ]
     with fs.open("/bucket/shards/00000.tar", "rb") as f, tarfile.open(fileobj=f) as tar:
         assert len(tar.getnames()) == 6  # still full shards: failures do not leave holes
     with fs.open("/bucket/shards/index.parquet", "rb") as f:
@@ -131,9 +160,12 @@ def test_stats_report_counts_add_up(download, tmp_path):
             rejected[r["reason"]] = rejected.get(r["reason"], 0) + 1
     scores = pd.DataFrame(rows)[list(SCORE_NAMES)]
     thresholds = QualityConfig().thresholds()
-    stages = [StageStats("download", 7, 6, {"http_error": 1}),
-              StageStats("quality", len(rows), len(download["kept"]), rejected),
-              StageStats("dedup", 5, 5), StageStats("shards", 5, 5)]
+    stages = [
+        StageStats("download", 7, 6, {"http_error": 1}),
+        StageStats("quality", len(rows), len(download["kept"]), rejected),
+        StageStats("dedup", 5, 5),
+        StageStats("shards", 5, 5),
+    ]
     failed = count_failed_checks(rows)
     assert sum(failed.values()) >= sum(rejected.values()) and list(failed.values()) == sorted(failed.values())[::-1]
     paths = write_report(str(tmp_path / "stats"), stages, scores.iloc[:4], thresholds, failed, scores_of=len(rows))
@@ -160,8 +192,10 @@ def test_stats_report_counts_add_up(download, tmp_path):
 def test_report_scores_are_sampled_but_failed_checks_are_exact():
     ensure_ray()
     rng = np.random.default_rng(0)
-    rows = [{"sharpness": float(x), "reasons": ["blurry"] * int(x < 0.2) + ["noisy"] * int(x > 0.9), "caption": "c"}
-            for x in rng.random(20_000)]
+    rows = [
+        {"sharpness": float(x), "reasons": ["blurry"] * int(x < 0.2) + ["noisy"] * int(x > 0.9), "caption": "c"}
+        for x in rng.random(20_000)
+    ]
     scored = ray.data.from_items(rows).materialize()
     scores, failed = summarize_scored(scored, ["sharpness"], max_rows=2000)
     assert failed == count_failed_checks(rows) and failed["blurry"] > failed["noisy"] > 1900

@@ -1,4 +1,5 @@
 """Off-the-shelf stage-1 nets (BSRNet, SCUNet) load through spandrel from their released key layouts."""
+
 from __future__ import annotations
 
 import json
@@ -6,11 +7,12 @@ import re
 
 import pytest
 import torch
-from conftest import MANIFESTS
 
 from diffbir.checkpoints.io import CheckpointError
 from diffbir.models.stage1 import load_spandrel_model
 from diffbir.utils.keyed_init import keyed_state_dict
+
+from conftest import MANIFESTS
 
 
 def manifest_state_dict(name: str) -> dict[str, torch.Tensor]:

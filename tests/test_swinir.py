@@ -1,15 +1,17 @@
 """DiffBIR SwinIR (stage 1): golden parity (tiny and full size), config inference, key layout."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-from conftest import MANIFESTS, SINGLE_EVAL, assert_close_golden, load_fixture
 
 from diffbir.checkpoints.io import CheckpointError, read_state_dict
 from diffbir.models.swinir import SwinIR, SwinIRConfig, swinir_computed_buffers
 from diffbir.utils.keyed_init import COMPUTED_BUFFER_SUFFIXES, keyed_state_dict
+
+from conftest import MANIFESTS, SINGLE_EVAL, assert_close_golden, load_fixture
 
 TINY_FILES = ["swinir_tiny.safetensors", "swinir_tiny_statedict_module.ckpt"]
 
@@ -29,8 +31,8 @@ def cases(fixture: dict[str, torch.Tensor], prefix: str = "") -> list[str]:
 
 
 @pytest.mark.parametrize("filename", TINY_FILES)
-def test_tiny_parity(golden, filename):
-    model = build(read_state_dict(golden / "weights" / filename))
+def test_tiny_parity(golden, golden_weights, filename):
+    model = build(read_state_dict(golden_weights / filename))
     fixture = load_fixture(golden, "a_swinir")
     for case in cases(fixture):
         with torch.no_grad():
@@ -38,8 +40,8 @@ def test_tiny_parity(golden, filename):
         assert_close_golden(out, fixture[f"{case}.output"], **SINGLE_EVAL, name=f"{filename}:{case}")
 
 
-def test_infer_tiny_config(golden, tiny_configs):
-    sd = read_state_dict(golden / "weights" / TINY_FILES[0])
+def test_infer_tiny_config(golden_weights, tiny_configs):
+    sd = read_state_dict(golden_weights / TINY_FILES[0])
     inferred = SwinIRConfig.infer(sd).model_dump()
     expected = tiny_configs["swinir"]["params"]
     common = set(inferred) & set(expected)
@@ -47,8 +49,8 @@ def test_infer_tiny_config(golden, tiny_configs):
     assert {k: inferred[k] for k in common} == {k: expected[k] for k in common}
 
 
-def test_computed_buffers_match_stored(golden):
-    sd = read_state_dict(golden / "weights" / TINY_FILES[0])
+def test_computed_buffers_match_stored(golden_weights):
+    sd = read_state_dict(golden_weights / TINY_FILES[0])
     computed = swinir_computed_buffers(SwinIRConfig.infer(sd))
     assert set(computed) == {k for k in sd if k.endswith(COMPUTED_BUFFER_SUFFIXES)}
     for key, value in computed.items():
@@ -103,8 +105,11 @@ def full_swinir(golden, golden_set, full_configs):
     layouts = json.loads((golden / "configs" / "full_keys.json").read_text())["files"]
     (layout,) = [v for name, v in layouts.items() if name.split()[0] == "swinir"]
     config = SwinIRConfig(**full_configs["swinir"]["params"])
-    sd = keyed_state_dict({k: shape for k, (shape, _dtype) in layout.items()}, salt=golden_set["full_size_init_salt"],
-                          computed=swinir_computed_buffers(config))
+    sd = keyed_state_dict(
+        {k: shape for k, (shape, _dtype) in layout.items()},
+        salt=golden_set["full_size_init_salt"],
+        computed=swinir_computed_buffers(config),
+    )
     return config, sd
 
 

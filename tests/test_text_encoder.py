@@ -1,4 +1,5 @@
 """OpenCLIP text tower: tokenizer (fixture h), checkpoint layout, meta/assign loading, full-size parity."""
+
 from __future__ import annotations
 
 import json
@@ -7,12 +8,13 @@ import re
 
 import pytest
 import torch
-from conftest import MANIFESTS, SINGLE_EVAL, assert_close_golden, load_fixture
 from open_clip.transformer import TextTransformer
 from safetensors import safe_open
 
 from diffbir.models.text_encoder import OpenCLIPTextEncoder, TextEncoderConfig, tokenize
 from diffbir.utils.keyed_init import keyed_state_dict
+
+from conftest import MANIFESTS, SINGLE_EVAL, assert_close_golden, load_fixture
 
 SOT, EOT = 49406, 49407  # CLIP BPE vocab specials (README section 6)
 PREFIX = "cond_stage_model."  # the text tower's prefix in SD checkpoints
@@ -110,8 +112,13 @@ def test_small_tower_matches_open_clip_text_transformer(layer):
 
     used = config.layers - (layer == "penultimate")
     ref = TextTransformer(
-        context_length=config.context_length, vocab_size=config.vocab_size, width=config.width,
-        heads=config.heads, layers=used, output_dim=config.output_dim, output_tokens=True,
+        context_length=config.context_length,
+        vocab_size=config.vocab_size,
+        width=config.width,
+        heads=config.heads,
+        layers=used,
+        output_dim=config.output_dim,
+        output_tokens=True,
     ).eval()
     ref_sd = {k.removeprefix("model."): v for k, v in sd.items() if k != "model.logit_scale"}
     ref_sd = {k: v for k, v in ref_sd.items() if not k.startswith(f"transformer.resblocks.{used}.")}
@@ -176,4 +183,3 @@ def test_full_size_context_matches_golden(golden, fixture_index, full_tower):
     with torch.no_grad():
         context = full_tower(full["clip.tokens"])
     assert_close_golden(context, full["clip.context"], **SINGLE_EVAL, name="clip.context")
-

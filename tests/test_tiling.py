@@ -1,4 +1,5 @@
 """Tiled inference: tile grid coverage, exact blending, and seams on the tiny reference models."""
+
 from __future__ import annotations
 
 import pytest

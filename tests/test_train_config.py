@@ -1,5 +1,6 @@
 """The training configs: every shipped YAML validates, every field has a flag, flags override
 the file, and the DeepSpeed JSON and the lr schedule follow the typed config."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,11 +27,34 @@ def test_shipped_configs_validate(name):
 
 
 def test_every_field_is_a_flag_and_flags_override_the_file(tmp_path):
-    args = ["--config", str(CONFIGS / "gm_tiny.yaml"), "--steps", "7", "--lr-drops", '{"5": 1e-5}', "--no-gradient-checkpointing",
-            "--base-weights", "a.ckpt", "b.pth", "--diffusion", '{"parameterization": "eps"}', "--zero-stage", "3",
-            "--storage", str(tmp_path), "--register-as", ""]
+    args = [
+        "--config",
+        str(CONFIGS / "gm_tiny.yaml"),
+        "--steps",
+        "7",
+        "--lr-drops",
+        '{"5": 1e-5}',
+        "--no-gradient-checkpointing",
+        "--base-weights",
+        "a.ckpt",
+        "b.pth",
+        "--diffusion",
+        '{"parameterization": "eps"}',
+        "--zero-stage",
+        "3",
+        "--storage",
+        str(tmp_path),
+        "--register-as",
+        "",
+    ]
     cfg = parse_config(GMConfig, args)
-    assert (cfg.steps, cfg.lr_drops, cfg.gradient_checkpointing, cfg.zero_stage, cfg.register_as) == (7, {5: 1e-5}, False, 3, "")
+    assert (cfg.steps, cfg.lr_drops, cfg.gradient_checkpointing, cfg.zero_stage, cfg.register_as) == (
+        7,
+        {5: 1e-5},
+        False,
+        3,
+        "",
+    )
     assert cfg.base_weights == [str(Path("a.ckpt").resolve()), str(Path("b.pth").resolve())]  # made absolute
     assert cfg.diffusion.parameterization == "eps" and cfg.text_encoder.width == 48  # the rest from the file
     flags = {a.dest: a.option_strings for a in build_parser(GMConfig)._actions}
@@ -38,10 +62,24 @@ def test_every_field_is_a_flag_and_flags_override_the_file(tmp_path):
 
 
 def test_deepspeed_config_and_lr_schedule():
-    cfg = load_config(RMConfig, CONFIGS / "rm_paper.yaml", grad_accum=2, grad_clip=1.0, zero_stage=3, precision="fp32",
-                      warmup_steps=10, lr_drops={100: 1e-5})
+    cfg = load_config(
+        RMConfig,
+        CONFIGS / "rm_paper.yaml",
+        grad_accum=2,
+        grad_clip=1.0,
+        zero_stage=3,
+        precision="fp32",
+        warmup_steps=10,
+        lr_drops={100: 1e-5},
+    )
     ds = deepspeed_config(cfg)
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (12, 2, 1.0)
-    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["overlap_comm"]  # the JSON's own settings stay
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (
+        12,
+        2,
+        1.0,
+    )
+    assert (
+        ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["overlap_comm"]
+    )  # the JSON's own settings stay
     assert not ds["bf16"]["enabled"] and ds["optimizer"]["params"]["lr"] == 1e-4
     assert [cfg.lr * lr_factor(cfg, s) for s in (0, 9, 99, 100)] == pytest.approx([1e-5, 1e-4, 1e-4, 1e-5])

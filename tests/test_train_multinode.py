@@ -1,5 +1,6 @@
 """Two-node training: a Ray cluster of two nodes on 127.0.0.1 (1 CPU each), one DeepSpeed rank
 per node (ZeRO-3, fp32, gloo, EMA), checkpoints in storage given as an fsspec URL."""
+
 from __future__ import annotations
 
 import json
@@ -53,10 +54,25 @@ def test_two_ranks_on_two_nodes(two_nodes, tmp_path):
     write_example_shards(str(tmp_path / "data/train"))
     write_example_shards(str(tmp_path / "data/val"), VAL_PHOTOS)
     cfg = load_config(
-        RMConfig, ROOT / "training/configs/rm_tiny.yaml", name="two-nodes", data=str(tmp_path / "data/train"),
-        val_data=str(tmp_path / "data/val"), storage=f"file://{tmp_path}/runs", mlflow_dir=str(tmp_path / "mlflow"),
-        num_workers=2, cpus_per_worker=0.5, placement_strategy="SPREAD", zero_stage=3, data_workers=1,
-        steps=4, log_every=2, checkpoint_every=2, val_every=4, image_every=4, val_samples=2, register_as="",
+        RMConfig,
+        ROOT / "training/configs/rm_tiny.yaml",
+        name="two-nodes",
+        data=str(tmp_path / "data/train"),
+        val_data=str(tmp_path / "data/val"),
+        storage=f"file://{tmp_path}/runs",
+        mlflow_dir=str(tmp_path / "mlflow"),
+        num_workers=2,
+        cpus_per_worker=0.5,
+        placement_strategy="SPREAD",
+        zero_stage=3,
+        data_workers=1,
+        steps=4,
+        log_every=2,
+        checkpoint_every=2,
+        val_every=4,
+        image_every=4,
+        val_samples=2,
+        register_as="",
     )
     nodes = tmp_path / "nodes.json"
     result = train(cfg, "training.train_rm:RMTask", callbacks=[RecordNodes(str(nodes))])

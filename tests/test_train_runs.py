@@ -8,6 +8,7 @@ on shards of real photos, MLflow (SQLite in a temporary directory) and the regis
   generator and data position and finishes the budget on the first run's loss curve. Rerun
   under its name with a larger budget, it resumes from its last checkpoint, still on the curve.
 - The GM run stacks IRControlNet on the tiny SD 2.1 with the trained RM as stage 1."""
+
 from __future__ import annotations
 
 import os
@@ -26,14 +27,21 @@ from ray.util.state import list_actors
 from diffbir.checkpoints.loading import load_model
 from diffbir.config import load_config
 from pipelines.feed import VAL_PHOTOS, write_example_shards
-from training import registry
 from pipelines.ray_env import ensure_ray
+from training import registry
 from training.launch import RUN_TAG, config_hash, train
 from training.train_gm import GMConfig
 from training.train_rm import RMConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_METRICS = {"train/loss", "train/lr", "train/samples_per_s", "train/data_wait_s", "train/data_wait_frac", "train/peak_memory_mb"}
+TRAIN_METRICS = {
+    "train/loss",
+    "train/lr",
+    "train/samples_per_s",
+    "train/data_wait_s",
+    "train/data_wait_frac",
+    "train/peak_memory_mb",
+}
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # KillOnce runs in Ray Train's controller
 
 
@@ -56,12 +64,21 @@ def workdir(tmp_path_factory) -> Path:
 
 def tiny(cls, yaml: str, root: Path, **overrides):
     """The shipped tiny config with this test's data, storage and MLflow store."""
-    return load_config(cls, ROOT / "training/configs" / yaml, data=str(root / "data/train"), val_data=str(root / "data/val"),
-                       storage=str(root / "runs"), mlflow_dir=str(root / "mlflow"), **overrides)
+    return load_config(
+        cls,
+        ROOT / "training/configs" / yaml,
+        data=str(root / "data/train"),
+        val_data=str(root / "data/val"),
+        storage=str(root / "runs"),
+        mlflow_dir=str(root / "mlflow"),
+        **overrides,
+    )
 
 
 def mlflow_run(cfg):
-    (run,) = MlflowClient().search_runs([registry.experiment_id(cfg.experiment)], f"tags.`{RUN_TAG}` = '{cfg.storage}/{cfg.name}'")
+    (run,) = MlflowClient().search_runs(
+        [registry.experiment_id(cfg.experiment)], f"tags.`{RUN_TAG}` = '{cfg.storage}/{cfg.name}'"
+    )
     return run
 
 
@@ -87,7 +104,9 @@ def check_tracked(cfg, parts: set[str], system_metrics: bool = True) -> None:
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == cfg.steps // cfg.log_every
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     assert images and all(p.endswith(".png") for p in images)
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} >= {"model/model.json"} | {f"model/{p}.safetensors" for p in parts}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} >= {"model/model.json"} | {
+        f"model/{p}.safetensors" for p in parts
+    }
     checkpoints = sorted(p.name for p in (Path(cfg.storage) / cfg.name).glob("checkpoint_*") if p.is_dir())
     assert checkpoints[-1] == f"checkpoint_{cfg.steps:08d}" and len(checkpoints) <= cfg.keep_checkpoints
     name, version = run.data.tags["registered_version"].split("/")
@@ -114,8 +133,10 @@ def test_rm_beats_its_degraded_inputs(rm_run):
     """Held-out photos (chelsea, motorcycle_right): PSNR of the restored crops vs the LQ crops."""
     _, result = rm_run
     m = result.metrics
-    print(f"\nheld-out PSNR: RM {m['val/psnr']:.2f} dB vs LQ {m['val/psnr_lq']:.2f} dB; "
-          f"SSIM: RM {m['val/ssim']:.3f} vs LQ {m['val/ssim_lq']:.3f}")
+    print(
+        f"\nheld-out PSNR: RM {m['val/psnr']:.2f} dB vs LQ {m['val/psnr_lq']:.2f} dB; "
+        f"SSIM: RM {m['val/ssim']:.3f} vs LQ {m['val/ssim_lq']:.3f}"
+    )
     assert m["val/psnr"] > m["val/psnr_lq"] + 0.5
 
 
@@ -137,7 +158,9 @@ class KillOnce(UserCallback):
 
 def test_killed_and_resumed_runs_stay_on_the_curve(rm_run, workdir):
     reference, _ = rm_run  # validation, checkpoints and the EMA draw no randomness: the same curve
-    killed = reference.model_copy(update=dict(name="killed", steps=20, checkpoint_every=10, val_every=1000, register_as="", max_failures=1))
+    killed = reference.model_copy(
+        update=dict(name="killed", steps=20, checkpoint_every=10, val_every=1000, register_as="", max_failures=1)
+    )
     marker = workdir / "killed.txt"
     result = train(killed, "training.train_rm:RMTask", callbacks=[KillOnce(str(marker))])
     assert marker.read_text().endswith("after step 10")  # killed right after the first checkpoint,
@@ -154,8 +177,18 @@ def test_killed_and_resumed_runs_stay_on_the_curve(rm_run, workdir):
 
 def test_gm_run_is_tracked(rm_run, workdir):
     rm_cfg, _ = rm_run
-    cfg = tiny(GMConfig, "gm_tiny.yaml", workdir, name="gm", steps=6, log_every=2, val_every=3, image_every=6,
-               checkpoint_every=3, stage1_weights=str(Path(rm_cfg.storage) / rm_cfg.name / "model"))
+    cfg = tiny(
+        GMConfig,
+        "gm_tiny.yaml",
+        workdir,
+        name="gm",
+        steps=6,
+        log_every=2,
+        val_every=3,
+        image_every=6,
+        checkpoint_every=3,
+        stage1_weights=str(Path(rm_cfg.storage) / rm_cfg.name / "model"),
+    )
     result = train(cfg, "training.train_gm:GMTask")
     assert result.metrics["step"] == cfg.steps
     assert {"val/psnr", "val/psnr_stage1"} <= set(result.metrics)

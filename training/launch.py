@@ -6,6 +6,7 @@ a plain `python training/train_*.py` (start a local Ray on 127.0.0.1). Rerunning
 resumes it: Ray Train finds its latest checkpoint in <storage>/<name>, and the MLflow run with
 the same name and storage continues.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -137,8 +138,13 @@ def config_hash(cfg: TrainConfig) -> str:
 def register(cfg: TrainConfig, run_id: str, result) -> str:
     """Register the final model (logged by rank 0 under the run's `model/` artifacts)."""
     metrics = {k.removeprefix("val/"): v for k, v in result.metrics.items() if k.startswith("val/")}
-    lineage = {"data": cfg.data, "train_run": f"{cfg.storage}/{cfg.name}", "steps": cfg.steps,
-               "config_hash": config_hash(cfg), "checkpoint": result.checkpoint.path if result.checkpoint else None}
+    lineage = {
+        "data": cfg.data,
+        "train_run": f"{cfg.storage}/{cfg.name}",
+        "steps": cfg.steps,
+        "config_hash": config_hash(cfg),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model", dst_path=tmp)
         return registry.register_model(run_id, model_dir, cfg.register_as, metrics=metrics, lineage=lineage)

@@ -9,6 +9,7 @@ writes its optimizer shard; Ray merges the ranks' directories), each rank's nois
 and the EMA. The data position is the step (every rank consumes batch_size * grad_accum samples
 per step), so a restored run draws the same batches and the same noise it would have drawn.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -86,7 +87,15 @@ def train_loop_per_worker(args: dict) -> None:
 
     per_step = cfg.batch_size * cfg.grad_accum  # samples per rank per step
     # the index travels as an ObjectRef: each data task reads the one shared copy
-    batches = rank_batches(cfg.feed(), args["index"], rank, world, cfg.batch_size, start=step * per_step, count=(cfg.steps - step) * per_step)
+    batches = rank_batches(
+        cfg.feed(),
+        args["index"],
+        rank,
+        world,
+        cfg.batch_size,
+        start=step * per_step,
+        count=(cfg.steps - step) * per_step,
+    )
     tracker = Tracker(args["tracking_uri"], args["run_id"]) if rank == 0 else None
     val_batch = validation_batch(cfg.feed(), ray.get(args["val_index"]), cfg.val_samples) if rank == 0 else None
     val_metrics: dict[str, float] = {}
@@ -192,14 +201,16 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def gathered(engine):
     """Full parameters on every rank for the duration (ZeRO-3 partitions them; a no-op below)."""
-    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=engine.zero_optimization_stage() == 3)
+    return deepspeed.zero.GatheredParameters(
+        list(engine.module.parameters()), enabled=engine.zero_optimization_stage() == 3
+    )
 
 
 @contextlib.contextmanager
 def full_weights(engine, ema: EMA | None):
     """The weights to validate and export: gathered, with the EMA swapped in if there is one.
     Collective under ZeRO-3: every rank enters."""
-    with gathered(engine), (ema.swapped(engine.module) if ema else contextlib.nullcontext()):
+    with gathered(engine), ema.swapped(engine.module) if ema else contextlib.nullcontext():
         yield
 
 
@@ -209,7 +220,9 @@ class EMA:
     def __init__(self, engine, decay: float):
         self.decay = decay
         with gathered(engine):
-            self.shadow = {n: p.detach().float().clone() for n, p in engine.module.named_parameters() if p.requires_grad}
+            self.shadow = {
+                n: p.detach().float().clone() for n, p in engine.module.named_parameters() if p.requires_grad
+            }
 
     @torch.no_grad()
     def update(self, engine) -> None:
@@ -285,7 +298,10 @@ class Tracker:
         """One row per validation sample: LQ | ... | HQ."""
         tiles = torch.stack(columns, dim=1).flatten(0, 1).float().clamp(0, 1)
         grid = make_grid(tiles, nrow=len(columns), padding=2)
-        mlflow.log_image((grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8), artifact_file=f"images/step_{step:08d}.png")
+        mlflow.log_image(
+            (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8),
+            artifact_file=f"images/step_{step:08d}.png",
+        )
 
     def model(self, model_dir: Path) -> None:
         mlflow.log_artifacts(str(model_dir), "model")

@@ -16,17 +16,18 @@ Only the alias moves: no version is deleted. Both versions get a `promotion.<tim
 tag holding the comparison (scores, margins, decision) as JSON. Exit status 0 when it ran
 (promoted or not), 1 on an error, 2 on bad flags.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import sys
 import tarfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -204,18 +205,25 @@ def restore_stage1(net: nn.Module, lq: np.ndarray, cfg: PromoteConfig) -> np.nda
 
 
 def _score(hq: np.ndarray, out: np.ndarray) -> np.ndarray:
-    return np.array([
-        peak_signal_noise_ratio(hq, out, data_range=1.0),
-        structural_similarity(hq, out, channel_axis=2, data_range=1.0),
-    ])  # fmt: skip
+    return np.array(
+        [
+            peak_signal_noise_ratio(hq, out, data_range=1.0),
+            structural_similarity(hq, out, channel_axis=2, data_range=1.0),
+        ]
+    )
 
 
 def _restorer(model_dir: Path, cfg: PromoteConfig) -> Restorer:
     if cfg.sampling_steps:
         pipe = RestorationPipeline(load_model(model_dir), cfg.device)
         # denoise: restore at the input size; min_side 64: no working upscale of the crops
-        opts = RestoreOptions(task="denoise", steps=cfg.sampling_steps, min_side=WINDOW, tile_size=cfg.tile_size,
-                              tile_stride=cfg.tile_size // 2)  # fmt: skip
+        opts = RestoreOptions(
+            task="denoise",
+            steps=cfg.sampling_steps,
+            min_side=WINDOW,
+            tile_size=cfg.tile_size,
+            tile_stride=cfg.tile_size // 2,
+        )
         return lambda lq, i: pipe([lq], opts, seeds=[cfg.seed + i])[0]
     parts = read_manifest(model_dir).parts
     if "swinir" not in parts:

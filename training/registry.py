@@ -15,6 +15,7 @@ Serving loads exactly one version even while the alias moves:
 
 Every function here talks to the store `configure()` (or MLFLOW_TRACKING_URI) points MLflow at.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -7,6 +7,7 @@ prediction, as the DiffusionConfig says (v2: eps; v2.1: zero-terminal-SNR with v
 trains with empty prompts (caption_drop_rate 1); lower it to train on the shards' captions.
 Paper: batch 256, lr 1e-4 then 1e-5 (training/configs/gm_paper.yaml).
 
+    diffbir init-tiny --output runs/tiny      # the tiny official-layout files gm_tiny.yaml reads
     python training/train_gm.py --config training/configs/gm_tiny.yaml [--steps N ...]
 
 As a job on a running cluster (the job runs in an uploaded copy of the working directory, which
@@ -16,7 +17,7 @@ URLs); here with the RM that rm_tiny.yaml trained as stage 1:
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
         python training/train_gm.py --config training/configs/gm_tiny.yaml \\
         --data $PWD/runs/data/example/train --val-data $PWD/runs/data/example/val \\
-        --base-weights $PWD/../shared/reference/golden/shared/weights/sd21_tiny.safetensors \\
+        --base-weights $PWD/runs/tiny/sd21_tiny.safetensors \\
         --stage1-weights $PWD/runs/train/rm-tiny/model --storage $PWD/runs/train --mlflow-dir $PWD/runs/mlflow
 
 The frozen parts stay in fp32 outside DeepSpeed; with bf16/fp16 everything runs under autocast.
@@ -24,8 +25,8 @@ The tiny reference weights have no text tower: gm_tiny.yaml sets `text_encoder` 
 randomly initialised tiny OpenCLIP tower (seeded, saved with the model), so prompts take the
 same code path as with SD 2.1's real tower.
 """
+
 from __future__ import annotations
-# ruff: noqa: E402  (the path fix below precedes the imports)
 
 import sys
 from pathlib import Path
@@ -51,12 +52,23 @@ from training.train_rm import image_metrics
 
 
 class GMConfig(TrainConfig):
-    base_weights: list[Location] = Field(description="SD 2.1-base: official checkpoint file(s) or a platform model directory with unet and vae (and text_encoder)")
+    base_weights: list[Location] = Field(
+        description="SD 2.1-base: official checkpoint file(s) or a platform model directory "
+        "with unet and vae (and text_encoder)"
+    )
     num_head_channels: int = Field(64, description="attention head width of the base UNet (SD 2.1: 64)")
-    stage1_weights: Location = Field(description="the frozen restoration module: a platform model (train_rm's) or an official SwinIR / spandrel file")
-    controlnet_weights: Location | None = Field(None, description="start from these IRControlNet weights instead of the UNet copy")
-    text_encoder: TextEncoderConfig | None = Field(None, description="build a randomly initialised text tower of these sizes when the base weights have none")
-    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig, description="noise schedule and objective (eps | v)")
+    stage1_weights: Location = Field(
+        description="the frozen restoration module: a platform model (train_rm's) or an official SwinIR / spandrel file"
+    )
+    controlnet_weights: Location | None = Field(
+        None, description="start from these IRControlNet weights instead of the UNet copy"
+    )
+    text_encoder: TextEncoderConfig | None = Field(
+        None, description="build a randomly initialised text tower of these sizes when the base weights have none"
+    )
+    diffusion: DiffusionConfig = Field(
+        default_factory=DiffusionConfig, description="noise schedule and objective (eps | v)"
+    )
     gradient_checkpointing: bool = Field(True, description="recompute UNet/ControlNet activations in the backward pass")
     val_sampler: str = Field("ddim", description=f"sampler of the validation run: {', '.join(SAMPLERS)}")
     val_steps: int = Field(4, ge=1, description="sampling steps of the validation run")
@@ -84,7 +96,9 @@ class GMTask:
         self.empty_context = self.text.encode([""])
 
         if cfg.controlnet_weights:
-            part = load_model(cfg.controlnet_weights, num_head_channels=cfg.num_head_channels, parts=["controlnet"]).parts["controlnet"]
+            part = load_model(
+                cfg.controlnet_weights, num_head_channels=cfg.num_head_channels, parts=["controlnet"]
+            ).parts["controlnet"]
             self.controlnet, self.configs["controlnet"] = part.module, part.config
         else:
             self.controlnet = IRControlNet.from_unet(self.unet, UNetConfig(**self.configs["unet"]))
@@ -138,7 +152,13 @@ class GMTask:
         return {f"val/{k}": v for k, v in metrics.items()}, [lq, stage1, restored, hq01]
 
     def export(self, model: nn.Module) -> dict[str, tuple[nn.Module, dict]]:
-        modules = {"unet": self.unet, "controlnet": model, "vae": self.vae, self.stage1_name: self.stage1, "text_encoder": self.text}
+        modules = {
+            "unet": self.unet,
+            "controlnet": model,
+            "vae": self.vae,
+            self.stage1_name: self.stage1,
+            "text_encoder": self.text,
+        }
         return {name: (module, self.configs[name]) for name, module in modules.items()}
 
 

@@ -12,8 +12,8 @@ leaves out the git-ignored runs/: give data, storage and MLflow paths absolute, 
         --data $PWD/runs/data/example/train --val-data $PWD/runs/data/example/val \\
         --storage $PWD/runs/train --mlflow-dir $PWD/runs/mlflow
 """
+
 from __future__ import annotations
-# ruff: noqa: E402  (the path fix below precedes the imports)
 
 import sys
 from pathlib import Path
@@ -35,7 +35,9 @@ from training.loop import autocast
 
 class RMConfig(TrainConfig):
     swinir: SwinIRConfig = Field(default_factory=SwinIRConfig, description="SwinIR architecture (default: DiffBIR's)")
-    init_weights: Location | None = Field(None, description="start from these SwinIR weights (official file or platform model) instead of random")
+    init_weights: Location | None = Field(
+        None, description="start from these SwinIR weights (official file or platform model) instead of random"
+    )
 
 
 class RMTask:

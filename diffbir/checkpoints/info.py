@@ -1,9 +1,10 @@
 """`diffbir info`: what a checkpoint file or model directory is, without building any model."""
+
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -51,7 +52,10 @@ def describe(path: str | Path, num_head_channels: int = 64) -> dict:
     official = read_official(path)
     info = {"path": str(path), "layout": official.layout, "description": official.description, "parts": {}}
     if official.stage1 is not None:
-        info["parts"]["stage1"] = {**_tensor_stats(official.stage1.state_dict()), "config": {"arch": official.stage1_arch}}
+        info["parts"]["stage1"] = {
+            **_tensor_stats(official.stage1.state_dict()),
+            "config": {"arch": official.stage1_arch},
+        }
     for name, sd in official.parts.items():
         info["parts"][name] = {
             **_tensor_stats(sd),

@@ -3,12 +3,13 @@
 safetensors files are memory-mapped; torch pickles are opened with `weights_only=True` (no code
 runs) and `mmap=True`, so tensors stay file-backed until a module takes them with `assign=True`.
 """
+
 from __future__ import annotations
 
 import pickle
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from safetensors import SafetensorError

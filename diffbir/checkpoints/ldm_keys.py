@@ -4,10 +4,11 @@ diffusers ships ldm->diffusers converters, but they silently skip keys they do n
 no notion of IRControlNet, so they cannot prove that every key of a file was used. These rules
 are one-to-one renames (None = not a key of this part), which is what the strict loader needs.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 Rename = Callable[[str], "str | None"]
 
@@ -22,7 +23,9 @@ _RESNET = {
 _VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
 _VAE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 # Keys inside a SpatialTransformer have the same names in ldm and diffusers.
-_TRANSFORMER = re.compile(r"(norm|proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.(to_[qkv]|to_out\.0)|ff\.net\.(0\.proj|2)|norm[123]))\.(weight|bias)$")
+_TRANSFORMER = re.compile(
+    r"(norm|proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.(to_[qkv]|to_out\.0)|ff\.net\.(0\.proj|2)|norm[123]))\.(weight|bias)$"
+)
 
 
 def _resnet(rest: str, table: dict[str, str]) -> str | None:

@@ -1,10 +1,11 @@
 """From files to ready modules: official checkpoints or platform directories, and conversion."""
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -43,14 +44,21 @@ class ModelBundle:
             return None
         get = lambda name: self.parts[name].module if name in self.parts else None  # noqa: E731
         return ControlLDM(
-            get("unet"), get("controlnet"), get("vae"), get("text_encoder"), get("cond_encoder"), self.latent_scale_factor
+            get("unet"),
+            get("controlnet"),
+            get("vae"),
+            get("text_encoder"),
+            get("cond_encoder"),
+            self.latent_scale_factor,
         )
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "ModelBundle":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ModelBundle:
         for part in self.parts.values():
             param = next(part.module.parameters(), None)
-            if param is None or (device is not None and param.device != torch.device(device)) or (
-                dtype is not None and param.dtype != dtype
+            if (
+                param is None
+                or (device is not None and param.device != torch.device(device))
+                or (dtype is not None and param.dtype != dtype)
             ):  # skip no-op moves: diffusers warns on every .to()
                 part.module.to(device=device, dtype=dtype)
         return self
@@ -102,7 +110,10 @@ def load_model(
         }
         return ModelBundle(loaded, diffusion or manifest.diffusion, manifest.latent_scale_factor)
     if any(Path(p).is_dir() for p in paths):
-        raise CheckpointError(f"{[str(p) for p in paths if Path(p).is_dir()]}: a directory must be a platform model (with model.json) given alone")
+        raise CheckpointError(
+            f"{[str(p) for p in paths if Path(p).is_dir()]}: "
+            "a directory must be a platform model (with model.json) given alone"
+        )
     loaded = load_official_parts(paths, num_head_channels)
     if parts is not None:
         loaded = {n: p for n, p in loaded.items() if n in set(parts)}

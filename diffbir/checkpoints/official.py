@@ -1,9 +1,10 @@
 """The official checkpoint layouts: recognising a file and splitting it into model parts."""
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from torch import nn
@@ -34,7 +35,12 @@ LAYOUTS: dict[str, Layout] = {
             "diffbir_v1_full",
             "DiffBIR v1 full checkpoint (SD + IRControlNet + SwinIR + condition encoder)",
             "general_full_v1.ckpt, face_full_v1.ckpt",
-            {**_SD_PARTS, "control_model.": "controlnet", "preprocess_model.": "swinir", "cond_encoder.": "cond_encoder"},
+            {
+                **_SD_PARTS,
+                "control_model.": "controlnet",
+                "preprocess_model.": "swinir",
+                "cond_encoder.": "cond_encoder",
+            },
         ),
         Layout(
             "diffbir_v2_cldm",
@@ -125,7 +131,9 @@ def split_official(sd: StateDict, source: str) -> OfficialFile:
                 f"an architecture spandrel reads); its top-level key prefixes are: {preview_keys(prefixes, 12)} "
                 f"({len(sd)} keys). spandrel said: {e}"
             ) from e
-        return OfficialFile(source, f"spandrel:{net.arch}", {}, stage1=net.module, stage1_arch=net.arch, stage1_scale=net.scale)
+        return OfficialFile(
+            source, f"spandrel:{net.arch}", {}, stage1=net.module, stage1_arch=net.arch, stage1_scale=net.scale
+        )
     parts: dict[str, StateDict] = {}
     ignored = []
     for key, value in sd.items():

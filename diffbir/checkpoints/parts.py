@@ -3,10 +3,11 @@
 Modules are built on the meta device and take the file's tensors with `assign=True`, so loading
 never holds a second copy of the weights (the check below runs before any tensor is touched).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import torch
 from pydantic import BaseModel
@@ -46,9 +47,7 @@ PARTS: dict[str, PartSpec] = {
         lambda c: unet_rename(c.num_res_blocks, controlnet=True),
         description="IRControlNet",
     ),
-    "vae": PartSpec(
-        VAEConfig, build_vae, lambda c: vae_rename(len(c.ch_mult)), _squeeze_vae_attention, "SD 2.1 VAE"
-    ),
+    "vae": PartSpec(VAEConfig, build_vae, lambda c: vae_rename(len(c.ch_mult)), _squeeze_vae_attention, "SD 2.1 VAE"),
     "cond_encoder": PartSpec(
         VAEConfig,
         CondEncoder,

@@ -8,6 +8,7 @@
 
 This is what `diffbir convert` writes, what training saves and what the registry stores.
 """
+
 from __future__ import annotations
 
 import json
@@ -87,7 +88,10 @@ def save_model_dir(
     try:
         entries = {}
         for name, (module, config) in parts.items():
-            sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in module.state_dict().items()}
+            sd = {
+                k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+                for k, v in module.state_dict().items()
+            }
             sd = {k: v.detach().contiguous() for k, v in sd.items()}
             meta = {"diffbir.part": name, "diffbir.config": json.dumps(config), "format": "pt"}
             save_file(sd, str(tmp / f"{name}.safetensors"), metadata=meta)

@@ -1,7 +1,8 @@
 """ControlLDM: the frozen SD 2.1 parts plus IRControlNet, as one module with DiffBIR's semantics."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel

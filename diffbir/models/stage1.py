@@ -4,10 +4,11 @@ DiffBIR v2 uses KAIR's BSRNet and SCUNet as stage 1; spandrel already implements
 original key names and detects the architecture from the state dict, so no copy of them lives here.
 Weights come only from the state dict passed in (nothing is downloaded).
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 from spandrel import ModelLoader, UnsupportedModelError

@@ -7,6 +7,7 @@ writing them again would only add code to keep in sync. spandrel's top-level Swi
 used: it names the first conv `conv_first` (DiffBIR: `conv_first.1` after a PixelUnshuffle) and
 keeps the RGB mean as a plain tensor attribute.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,7 +15,7 @@ import importlib
 import math
 import re
 import warnings
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,7 @@ class SwinIRConfig(BaseModel):
     unshuffle_scale: int = 8
 
     @model_validator(mode="after")
-    def _supported(self) -> "SwinIRConfig":
+    def _supported(self) -> SwinIRConfig:
         if self.upsampler != "nearest+conv" or self.sf != 8:
             raise ValueError(
                 f"only upsampler 'nearest+conv' with sf 8 is supported (DiffBIR's stage 1), "
@@ -81,12 +82,16 @@ class SwinIRConfig(BaseModel):
         return self.sf * self.window_size
 
     @classmethod
-    def infer(cls, sd: Mapping[str, torch.Tensor]) -> "SwinIRConfig":
+    def infer(cls, sd: Mapping[str, torch.Tensor]) -> SwinIRConfig:
         """The config of a DiffBIR SwinIR state dict, from its key names and shapes."""
         table = lambda i: sd[f"layers.{i}.residual_group.blocks.0.attn.relative_position_bias_table"]  # noqa: E731
         block0 = "layers.0.residual_group.blocks.0."
-        need = ("conv_first.1.weight", "conv_last.weight", block0 + "mlp.fc1.weight",
-                block0 + "attn.relative_position_bias_table")
+        need = (
+            "conv_first.1.weight",
+            "conv_last.weight",
+            block0 + "mlp.fc1.weight",
+            block0 + "attn.relative_position_bias_table",
+        )
         missing = [k for k in need if k not in sd]
         if missing:
             raise CheckpointError(f"not a DiffBIR SwinIR state dict: missing {missing}")
@@ -136,9 +141,18 @@ class SwinIR(nn.Module):
         # drop_path 0: inference only (DropPath is the identity in eval mode anyway)
         with _quiet_meshgrid():
             self.layers = nn.ModuleList(
-                RSTB(dim=dim, input_resolution=(res, res), depth=depth, num_heads=heads,
-                     window_size=c.window_size, mlp_ratio=c.mlp_ratio, drop_path=0.0,
-                     img_size=c.img_size, patch_size=c.patch_size, resi_connection="1conv")
+                RSTB(
+                    dim=dim,
+                    input_resolution=(res, res),
+                    depth=depth,
+                    num_heads=heads,
+                    window_size=c.window_size,
+                    mlp_ratio=c.mlp_ratio,
+                    drop_path=0.0,
+                    img_size=c.img_size,
+                    patch_size=c.patch_size,
+                    resi_connection="1conv",
+                )
                 for depth, heads in zip(c.depths, c.num_heads)
             )
         self.norm = nn.LayerNorm(dim)
@@ -186,8 +200,13 @@ def swinir_computed_buffers(config: SwinIRConfig) -> dict[str, torch.Tensor]:
     img_size), keyed as in its state dict; built by the same block code as the module itself."""
     res = config.img_size // config.patch_size
     with torch.device("cpu"), _quiet_meshgrid():  # real values even under a meta-device context
-        ref = SwinTransformerBlock(dim=1, input_resolution=(res, res), num_heads=1,
-                                   window_size=config.window_size, shift_size=config.window_size // 2)
+        ref = SwinTransformerBlock(
+            dim=1,
+            input_resolution=(res, res),
+            num_heads=1,
+            window_size=config.window_size,
+            shift_size=config.window_size // 2,
+        )
     out = {}
     for i, depth in enumerate(config.depths):
         for j in range(depth):

@@ -4,10 +4,12 @@ The transformer is open_clip's own `TextTransformer`; this module only fixes the
 to the checkpoint's `cond_stage_model.model.*` keys (prefix `cond_stage_model.` stripped) and the
 forward DiffBIR uses: penultimate layer + ln_final, no projection, no pooling (golden README §6).
 """
+
 from __future__ import annotations
 
 import re
-from typing import Literal, Mapping
+from collections.abc import Mapping
+from typing import Literal
 
 import torch
 from open_clip.tokenizer import tokenize as _open_clip_tokenize
@@ -61,9 +63,23 @@ def unused_text_keys(config: TextEncoderConfig) -> set[str]:
     keys = {"model.text_projection", "model.logit_scale"}
     if config.layer == "penultimate":
         last = f"model.transformer.resblocks.{config.layers - 1}."
-        keys |= {last + k for k in ("ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias",
-                                    "attn.out_proj.weight", "attn.out_proj.bias", "ln_2.weight", "ln_2.bias",
-                                    "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")}
+        keys |= {
+            last + k
+            for k in (
+                "ln_1.weight",
+                "ln_1.bias",
+                "attn.in_proj_weight",
+                "attn.in_proj_bias",
+                "attn.out_proj.weight",
+                "attn.out_proj.bias",
+                "ln_2.weight",
+                "ln_2.bias",
+                "mlp.c_fc.weight",
+                "mlp.c_fc.bias",
+                "mlp.c_proj.weight",
+                "mlp.c_proj.bias",
+            )
+        }
     return keys
 
 

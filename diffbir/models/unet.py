@@ -3,10 +3,12 @@
 Sizes are given in the reference's (ldm) vocabulary so that the reference configs, the tiny test
 configs and the full SD 2.1-base sizes are one code path; `diffusers_kwargs` translates them.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -35,7 +37,7 @@ class UNetConfig(BaseModel):
     use_linear_in_transformer: bool = True
 
     @model_validator(mode="after")
-    def _check(self) -> "UNetConfig":
+    def _check(self) -> UNetConfig:
         for c in self.block_out_channels:
             if c % self.num_head_channels or c % 32:
                 raise ValueError(
@@ -44,12 +46,12 @@ class UNetConfig(BaseModel):
         return self
 
     @classmethod
-    def from_reference(cls, cfg: Mapping[str, Any]) -> "UNetConfig":
+    def from_reference(cls, cfg: Mapping[str, Any]) -> UNetConfig:
         """From the reference's `unet_cfg` / `controlnet_cfg` constructor arguments."""
         return cls(**{k: v for k, v in cfg.items() if k not in _IGNORED_REFERENCE_FIELDS})
 
     @classmethod
-    def infer(cls, sd: Mapping[str, torch.Tensor], num_head_channels: int = 64) -> "UNetConfig":
+    def infer(cls, sd: Mapping[str, torch.Tensor], num_head_channels: int = 64) -> UNetConfig:
         """Everything but the head width follows from an ldm-layout UNet or ControlNet state dict
         (no prefix); attention heads do not change parameter shapes, so that one is given."""
         conv_in = sd["input_blocks.0.0.weight"]
@@ -127,13 +129,13 @@ class IRControlNet(ControlNetModel):
         del self.controlnet_cond_embedding
 
     @classmethod
-    def from_unet_config(cls, cfg: UNetConfig) -> "IRControlNet":
+    def from_unet_config(cls, cfg: UNetConfig) -> IRControlNet:
         kwargs = cfg.diffusers_kwargs()
         kwargs["in_channels"] = 2 * cfg.in_channels  # z_t and the condition latent
         return cls(conditioning_channels=cfg.in_channels, **kwargs)
 
     @classmethod
-    def from_unet(cls, unet: UNet2DConditionModel, cfg: UNetConfig) -> "IRControlNet":
+    def from_unet(cls, unet: UNet2DConditionModel, cfg: UNetConfig) -> IRControlNet:
         """Training initialisation: copy the UNet encoder and middle block; the extra input
         channels of the first conv and all zero convs start at zero."""
         net = cls.from_unet_config(cfg).to(device=unet.device, dtype=unet.dtype)

@@ -1,7 +1,9 @@
 """The SD 2.1 VAE (diffusers' AutoencoderKL) and DiffBIR v1's condition encoder."""
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
@@ -24,7 +26,7 @@ class VAEConfig(BaseModel):
     embed_dim: int = 4
 
     @classmethod
-    def from_reference(cls, vae_cfg: Mapping[str, Any]) -> "VAEConfig":
+    def from_reference(cls, vae_cfg: Mapping[str, Any]) -> VAEConfig:
         """From the reference's `vae_cfg` ({embed_dim, ddconfig})."""
         dd = vae_cfg["ddconfig"]
         if dd.get("attn_resolutions"):
@@ -35,7 +37,7 @@ class VAEConfig(BaseModel):
         return cls(embed_dim=vae_cfg["embed_dim"], **{k: dd[k] for k in keep})
 
     @classmethod
-    def infer(cls, sd: Mapping[str, torch.Tensor], prefix: str = "") -> "VAEConfig":
+    def infer(cls, sd: Mapping[str, torch.Tensor], prefix: str = "") -> VAEConfig:
         """From an ldm-layout VAE (or v1 cond_encoder) state dict; keys start with `prefix`."""
         conv_in = sd[f"{prefix}encoder.conv_in.weight"]
         ch = conv_in.shape[0]

@@ -1,4 +1,5 @@
 """Sampling: noise schedules, the denoiser interface, samplers and restoration guidance."""
+
 from diffbir.sampling.denoiser import (
     Denoiser,
     NoiseFn,

@@ -4,10 +4,12 @@ between that prediction and the predicted clean latent x0 under the training sch
 
 Latents are "variance preserving": x_t = sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * eps.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -94,7 +96,11 @@ class Denoiser:
         # (sqrt(1/ab), sqrt(1/ab - 1)) for eps, (sqrt(ab), sqrt(1 - ab)) for v: the reference's
         # buffers, computed in float64 and applied as scalars of the latent's dtype
         ab = self.schedule.alpha_bar(t)
-        a, b = ((1 / ab).sqrt(), (1 / ab - 1).sqrt()) if self.config.parameterization == "eps" else (ab.sqrt(), (1 - ab).sqrt())
+        a, b = (
+            ((1 / ab).sqrt(), (1 / ab - 1).sqrt())
+            if self.config.parameterization == "eps"
+            else (ab.sqrt(), (1 - ab).sqrt())
+        )
         return a.item(), b.item()
 
     def to_x0(self, out: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:

@@ -11,6 +11,7 @@ between their current and next noise level - one user scale means the same push 
 Cost per repetition in pixel space: one VAE decoder forward and one backward (a vector-Jacobian
 product to x0 only - no parameter gradients); the logged loss comes from that same forward.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -23,10 +23,11 @@ Which code computes what:
 The k-diffusion functions work in sigma space like k-diffusion (x = x0 + sigma * eps, starting at
 x_T * sqrt(1 + sigma_max^2)); `sample()` takes and returns the variance-preserving latent for all.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler

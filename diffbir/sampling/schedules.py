@@ -1,6 +1,7 @@
 """Noise schedules (golden README §5 d): the training schedule the weights were made with, and the
 spaced schedule of the reference's SpacedSampler. Everything is computed in float64, as the
 reference does; the sampler casts coefficients to the latent's dtype where it uses them."""
+
 from __future__ import annotations
 
 import math
@@ -35,7 +36,7 @@ class NoiseSchedule:
         self.log_sigmas = 0.5 * torch.log((1 - ab) / ab)
 
     @classmethod
-    def from_config(cls, cfg: DiffusionConfig) -> "NoiseSchedule":
+    def from_config(cls, cfg: DiffusionConfig) -> NoiseSchedule:
         return cls(train_betas(cfg))
 
     @property
@@ -96,7 +97,7 @@ class SpacedSchedule:
     posterior_mean_coef2: torch.Tensor
 
     @classmethod
-    def create(cls, schedule: NoiseSchedule, steps: int) -> "SpacedSchedule":
+    def create(cls, schedule: NoiseSchedule, steps: int) -> SpacedSchedule:
         timesteps = torch.tensor(space_timesteps(schedule.num_timesteps, steps), dtype=torch.int64)
         acp_at = schedule.alphas_cumprod[timesteps]
         betas = 1 - acp_at / torch.cat([acp_at.new_ones(1), acp_at[:-1]])

@@ -14,9 +14,10 @@ its tile sizes are attributes of the shared module (`tile_sample_min_size`, `til
 set per call = not safe with concurrent requests on one model), and its fixed 1/4 overlap cannot
 be tuned per call. Like it, tiles here normalise with per-tile GroupNorm statistics.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -176,9 +177,15 @@ def tiled_apply(
         raise ValueError(f"need 0 <= overlap < tile_size, got overlap {overlap}, tile_size {tile_size}")
     ramp = _scaled(overlap, scale)
     return _blend_tiles(
-        lambda tiles, _: fn(tiles), x, tile_size, tile_size - overlap,
-        lambda n: feather_profile(n, ramp), scale, multiple, tile_batch,
-    )  # fmt: skip
+        lambda tiles, _: fn(tiles),
+        x,
+        tile_size,
+        tile_size - overlap,
+        lambda n: feather_profile(n, ramp),
+        scale,
+        multiple,
+        tile_batch,
+    )
 
 
 def tiled_stage1(

@@ -5,10 +5,11 @@ re-created bit-for-bit without shipping gigabytes of weights: parity tests build
 full-size weights with it, and benchmarks use it for realistic random weights. No library offers
 this generator, hence the hand-written SplitMix64 (vectorised in numpy, chunked to bound memory).
 """
+
 from __future__ import annotations
 
 import zlib
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch

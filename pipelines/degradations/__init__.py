@@ -10,6 +10,7 @@ Models (typed configs, YAML in pipelines/configs/degradations/):
 Images are HWC RGB: uint8 [0, 255] or float [0, 1] in, the same kind out (float as float32);
 the operations work on float32 [0, 1]. params is JSON-able; apply_params(hq, params) replays it.
 """
+
 from .config import (
     CONFIG_DIR,
     CodeFormerFaceConfig,
@@ -55,3 +56,43 @@ from .ops import (
     to_float_rgb,
     usm_sharp,
 )
+
+__all__ = [
+    "CONFIG_DIR",
+    "CodeFormerFaceConfig",
+    "DegradationConfig",
+    "FirstOrderConfig",
+    "KernelConfig",
+    "RealESRGANConfig",
+    "StageConfig",
+    "load_config",
+    "KERNEL_TYPES",
+    "gaussian_kernel",
+    "generalized_kernel",
+    "make_kernel",
+    "plateau_kernel",
+    "sample_mixed_kernel",
+    "sample_sinc_kernel",
+    "sinc_kernel",
+    "OPS",
+    "apply_ops",
+    "apply_params",
+    "degrade",
+    "sample_first_order",
+    "sample_kernel",
+    "sample_params",
+    "sample_realesrgan",
+    "INTERPOLATIONS",
+    "add_gaussian_noise",
+    "add_poisson_noise",
+    "blur",
+    "encode_jpeg",
+    "filter2d",
+    "from_float",
+    "gaussian_blur",
+    "jpeg",
+    "quantize",
+    "resize",
+    "to_float_rgb",
+    "usm_sharp",
+]

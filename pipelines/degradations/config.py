@@ -3,11 +3,12 @@
 Each model's YAML file in pipelines/configs/degradations/ states the same values; its ``model``
 key selects the class (``load_config``).
 """
+
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, model_validator
@@ -187,9 +188,7 @@ class RealESRGANConfig(_Config):
     usm_threshold: NonNegative = 10.0
 
 
-DegradationConfig = Annotated[
-    Union[FirstOrderConfig, CodeFormerFaceConfig, RealESRGANConfig], Field(discriminator="model")
-]
+DegradationConfig = Annotated[FirstOrderConfig | CodeFormerFaceConfig | RealESRGANConfig, Field(discriminator="model")]
 _ADAPTER: TypeAdapter = TypeAdapter(DegradationConfig)
 
 

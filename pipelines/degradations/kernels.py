@@ -5,6 +5,7 @@ A kernel is described by a JSON-able spec, e.g. ``{"type": "aniso", "size": 21, 
 "sigma_y": 0.5, "theta": 0.3}``: the ``sample_*`` functions draw one, ``make_kernel`` builds it.
 Coordinates: x is the column offset, y the row offset from the centre, theta in radians.
 """
+
 from __future__ import annotations
 
 import math

@@ -3,6 +3,7 @@
 Sampling draws every random choice up front (noise included, as a seed), so the returned params
 are the complete record of what was applied: ``apply_params(hq, params)`` replays it exactly.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,8 +60,14 @@ def sample_kernel(rng: np.random.Generator, cfg: KernelConfig) -> dict:
         low = math.pi / 3 if ksize < 13 else math.pi / 5
         return sample_sinc_kernel(rng, ksize, (low, math.pi))
     return sample_mixed_kernel(
-        rng, cfg.kernel_list, cfg.kernel_prob, ksize,
-        cfg.sigma_range, cfg.rotation_range, cfg.betag_range, cfg.betap_range,
+        rng,
+        cfg.kernel_list,
+        cfg.kernel_prob,
+        ksize,
+        cfg.sigma_range,
+        cfg.rotation_range,
+        cfg.betag_range,
+        cfg.betap_range,
     )
 
 

@@ -4,6 +4,7 @@ Every operation takes and returns float32 HWC RGB images in [0, 1] (noise and JP
 it; resampling and filtering may overshoot slightly, as in the reference). Noise functions take
 ``seed``: an int or a numpy Generator (as numpy's default_rng), so a logged seed replays the noise.
 """
+
 from __future__ import annotations
 
 import math
