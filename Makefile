@@ -53,7 +53,7 @@ TINY       := runs/tiny
 JOB_PYTHON ?= $(abspath $(PY))
 JOB_ENV     = $(if $(MLFLOW_TRACKING_URI),--runtime-env-json '{"env_vars": {"MLFLOW_TRACKING_URI": "$(MLFLOW_TRACKING_URI)"}}')
 RUN_JOB     = $(if $(RAY_ADDRESS),RAY_AUTH_MODE=token $(VENV)/bin/ray job submit --address $(RAY_ADDRESS) --working-dir . $(JOB_ENV) -- $(JOB_PYTHON),$(PY))
-TINY_PATHS  = --data $(CURDIR)/$(EXAMPLE)/train --val-data $(CURDIR)/$(EXAMPLE)/val --storage $(CURDIR)/runs/train --mlflow-dir $(CURDIR)/runs/mlflow
+TINY_PATHS  = --data $(CURDIR)/$(EXAMPLE)/train --val-data $(CURDIR)/$(EXAMPLE)/val --storage $(CURDIR)/runs/train --tracking-dir $(CURDIR)/runs/mlflow
 
 example-data: $(EXAMPLE)/.done
 

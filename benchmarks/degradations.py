@@ -11,22 +11,31 @@ markdown table, one row per model; writes nothing.
 
 from __future__ import annotations
 
-import argparse
 import math
 import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from skimage import data
 
-from pipelines.degradations import degrade, load_config
+from diffbir.config import parse_config
+from pipelines.degradations import degrade, load_degradation
 
 MODELS = ("first_order", "codeformer_face", "realesrgan")
+
+
+class BenchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    images: int = Field(100, ge=1, description="crops per timed pass")
+    repeats: int = Field(5, ge=1, description="timed passes (median taken)")
+    models: list[Literal[MODELS]] = Field(list(MODELS), description="degradation configs to time")
 
 
 def photo_crops(n: int, size: int = 512, seed: int = 0) -> list[np.ndarray]:
@@ -48,7 +57,7 @@ def photo_crops(n: int, size: int = 512, seed: int = 0) -> list[np.ndarray]:
 
 def images_per_second(model: str, crops: list[np.ndarray], repeats: int) -> tuple[float, float]:
     """Median (by CPU time, by wall clock) images/s of single-threaded degradation."""
-    config = load_config(model)
+    config = load_degradation(model)
     for seed, img in enumerate(crops):  # warm-up: caches, allocator, lazy OpenCV initialisation
         degrade(img, seed, config)
     cpu, wall = [], []
@@ -68,12 +77,8 @@ def cpu_model() -> str:
     return "unknown"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=100, help="crops per timed pass")
-    parser.add_argument("--repeats", type=int, default=5, help="timed passes (median taken)")
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_config(BenchConfig, argv, __doc__, "python benchmarks/degradations.py")
 
     cv2.setNumThreads(1)
     torch.set_num_threads(1)  # in case anything in the process reaches torch

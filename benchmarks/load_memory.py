@@ -12,7 +12,6 @@ figure is the resident cost of a ready model, not of lazily mapped pages.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -21,6 +20,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from diffbir.config import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(os.environ.get("DIFFBIR_GOLDEN", ROOT / "tests" / "golden" / "shared"))
@@ -76,22 +79,28 @@ def measure(paths: list[Path], repeats: int) -> dict:
     return med
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "diffbir-load-bench")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--platform", action="store_true", help="also measure the converted platform format")
-    args = ap.parse_args()
-    args.workdir.mkdir(parents=True, exist_ok=True)
+class BenchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    workdir: str = Field(
+        str(Path(tempfile.gettempdir()) / "diffbir-load-bench"), description="where the full-size files are kept"
+    )
+    repeats: int = Field(3, ge=1, description="fresh loading processes (median taken)")
+    platform: bool = Field(False, description="also measure the converted platform format")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_config(BenchConfig, argv, __doc__, "python benchmarks/load_memory.py")
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    paths = write_official(args.workdir)
+    paths = write_official(workdir)
     print(f"official files ready in {time.perf_counter() - t:.0f} s: {[p.name for p in paths]}")
     results = {"official (.ckpt pickle + .pth)": measure(paths, args.repeats)}
     if args.platform:
         from diffbir.checkpoints.loading import convert
         from diffbir.config import DiffusionConfig
 
-        out = args.workdir / "platform"
+        out = workdir / "platform"
         if not out.exists():
             convert(paths, out, diffusion=DiffusionConfig())
         results["platform (safetensors)"] = measure([out], args.repeats)

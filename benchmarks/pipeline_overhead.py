@@ -15,7 +15,6 @@ medians; a quiet machine is needed for meaningful figures.
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import shutil
@@ -29,10 +28,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.quality_filter import cpu_model, photos
+from diffbir.config import parse_config
 from pipelines.sample import SCHEMA, SampleServer
 
 SHARD_SIZE = 64
@@ -115,11 +116,14 @@ def run_pipeline(metadata: Path, out: Path) -> None:
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
+class BenchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rows: int = Field(256, ge=1, description="metadata rows, each a distinct ~1 MP JPEG")
+    repeats: int = Field(3, ge=1, description="runs of each kind (median taken)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_config(BenchConfig, argv, __doc__, "python benchmarks/pipeline_overhead.py")
 
     from pipelines.ray_env import ensure_ray
 

@@ -12,7 +12,6 @@ vCPU. A quiet machine is needed for meaningful figures.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -24,10 +23,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.quality_filter import cpu_model
+from diffbir.config import parse_config
 from pipelines.prefilter import PrefilterConfig, prefilter
 from pipelines.ray_env import ensure_ray
 
@@ -60,12 +61,15 @@ def synthetic_metadata(n: int, duplicate_fraction: float, seed: int = 0) -> pd.D
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--duplicate-fraction", type=float, default=0.05, help="rows repeating another row's URL")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+class BenchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rows: int = Field(1_000_000, ge=1, description="synthetic metadata rows")
+    duplicate_fraction: float = Field(0.05, ge=0, lt=1, description="rows repeating another row's URL")
+    repeats: int = Field(3, ge=1, description="prefilter runs (median taken)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_config(BenchConfig, argv, __doc__, "python benchmarks/prefilter_throughput.py")
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

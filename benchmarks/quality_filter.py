@@ -10,7 +10,6 @@ also written to webdataset tars and run through `filter_quality` on a local Ray 
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import platform
@@ -24,9 +23,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from diffbir.config import parse_config
 from pipelines.quality import assess
 
 
@@ -112,12 +113,15 @@ def bench_ray(images: list[bytes], repeats: int) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=40)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--ray", action="store_true", help="also time filter_quality on a local Ray (all cores)")
-    args = parser.parse_args()
+class BenchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    images: int = Field(40, ge=1, description="~1 MP JPEGs per pass")
+    repeats: int = Field(5, ge=1, description="timed passes (median taken)")
+    ray: bool = Field(False, description="also time filter_quality on a local Ray (all cores)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_config(BenchConfig, argv, __doc__, "python benchmarks/quality_filter.py")
 
     images = one_megapixel_jpegs(args.images)
     wall, cpu_time, passed = bench_assess(images, args.repeats)

@@ -11,10 +11,14 @@ the values. Each configuration runs in a fresh process (peak RSS / CUDA peak per
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from diffbir.config import Dtype, parse_config
 
 VARIANTS = ("unguided", "guided_rgb", "guided_latent", "vae")
 
@@ -24,11 +28,12 @@ from diffbir.config import DiffusionConfig
 from diffbir.models.cldm import ControlLDM
 from diffbir.models.unet import IRControlNet, UNetConfig, build_unet
 from diffbir.models.vae import VAEConfig, build_vae
+from diffbir.pipeline import DTYPES
 from diffbir.sampling import Denoiser, RestorationGuidance, cfg_model, sample
 
 variant, dtype_name, steps, repeats, device, size = sys.argv[1:7]
 steps, repeats, size = int(steps), int(repeats), int(size)
-dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+dtype = DTYPES[dtype_name]
 torch.manual_seed(0)
 ucfg = UNetConfig()
 cldm = ControlLDM(build_unet(ucfg), IRControlNet.from_unet_config(ucfg), build_vae(VAEConfig()))
@@ -82,15 +87,18 @@ print(json.dumps(out))
 """
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    ap.add_argument("--steps", type=int, default=2, help="sampling steps per timed run")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (median)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--size", type=int, default=512)
-    args = ap.parse_args()
+class BenchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dtypes: list[Dtype] = Field(["fp32", "bf16"], description="precisions to time")
+    variants: list[Literal[VARIANTS]] = Field(list(VARIANTS), description="what to time")
+    steps: int = Field(2, ge=1, description="sampling steps per timed run")
+    repeats: int = Field(3, ge=1, description="timed runs after one warm-up (median)")
+    device: str = Field("cpu", description="torch device")
+    size: int = Field(512, ge=64, description="image side in pixels (latent: /8)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_config(BenchConfig, argv, __doc__, "python benchmarks/sampling_speed.py")
     print(
         f"| variant | dtype | s/step (median of {args.repeats}) | once per image s "
         "| VAE enc / dec / dec fwd+bwd s | peak GB |"

@@ -6,12 +6,11 @@ server formed (each response's X-Batch-Size, and the replicas' GET /v1/stats).
     python benchmarks/serve_load.py --url http://127.0.0.1:8000/ --token ...  # a running app
 
 With --model (a model URI or platform directory) the app is started in this process from
---config (serving/configs/serve.yaml) on a free port. Exit status 1 when any request failed.
+--serve-config (serving/configs/serve.yaml) on a free port. Exit status 1 when any request failed.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -19,12 +18,14 @@ import statistics
 import sys
 import time
 from collections import Counter
+from typing import Annotated, Literal
 
 import httpx
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 from skimage import data
 
-from diffbir.config import load_config
+from diffbir.config import Arg, load_config, parse_config
 from diffbir.image_io import encode_image
 from serving.config import TOKEN_ENV, ServeConfig
 
@@ -100,25 +101,31 @@ def summarize(records: list[dict], wall: float, stats: dict | None) -> dict:
     )
 
 
+class BenchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str | None = Field(None, description="a running app (None: start one here with --model)")
+    model: str | None = Field(None, description="model URI or platform directory for the app started here")
+    serve_config: str = Field("serving/configs/serve.yaml", description="ServeConfig YAML for the app started here")
+    token: str | None = Field(None, description=f"bearer token (None: ${TOKEN_ENV})")
+    requests: int = Field(200, ge=1, description="requests measured")
+    concurrency: int = Field(16, ge=1, description="clients sending at once")
+    warmup: int = Field(2, ge=0, description="requests sent (one by one) before measuring")
+    size: int = Field(64, ge=8, description="side of the square input crops")
+    tasks: list[Literal["sr", "face", "denoise"]] = Field(["denoise", "sr"], description="cycled over the requests")
+    upscale: float = Field(2, gt=0, description="for sr requests")
+    steps: int = Field(2, ge=1, description="sampling steps per request")
+    min_side: int = Field(64, ge=64, description="the requests' min_side")
+    seed: int = Field(0, description="crop placement; request i uses seed + i")
+    # not `json`, which would shadow BaseModel.json
+    json_path: Annotated[str | None, Arg("--json")] = Field(None, description="also write the summary here")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", help="a running app (default: start one here with --model)")
-    p.add_argument("--model", help="model URI or platform directory for the app started here")
-    p.add_argument("--config", default="serving/configs/serve.yaml", help="ServeConfig YAML for the app started here")
-    p.add_argument("--token", default=os.environ.get(TOKEN_ENV), help=f"bearer token (default ${TOKEN_ENV})")
-    p.add_argument("--requests", type=int, default=200)
-    p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--warmup", type=int, default=2, help="requests sent (one by one) before measuring")
-    p.add_argument("--size", type=int, default=64, help="side of the square input crops")
-    p.add_argument("--tasks", nargs="+", default=["denoise", "sr"], help="cycled over the requests")
-    p.add_argument("--upscale", type=float, default=2, help="for sr requests")
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--min-side", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="also write the summary here")
-    args = p.parse_args(argv)
+    args = parse_config(BenchConfig, argv, __doc__, "python benchmarks/serve_load.py")
+    args.token = args.token or os.environ.get(TOKEN_ENV)
     if not args.url and not args.model:
-        p.error("give --url (a running app) or --model (start one here)")
+        print("serve_load: give --url (a running app) or --model (start one here)", file=sys.stderr)
+        return 2
 
     images = crops(args.warmup + args.requests, args.size, args.seed)
     params = []
@@ -133,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.ray_env import ensure_ray, free_port
     from serving.app import run
 
-    cfg = load_config(ServeConfig, args.config, model_uri=args.model, port=free_port(), auth_token=args.token)
+    cfg = load_config(ServeConfig, args.serve_config, model_uri=args.model, port=free_port(), auth_token=args.token)
     ensure_ray()
     url = run(cfg)
     print(
@@ -147,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         serve.shutdown()
 
 
-def measure(url: str, args: argparse.Namespace, images: list[bytes], params: list[dict]) -> int:
+def measure(url: str, args: BenchConfig, images: list[bytes], params: list[dict]) -> int:
     warm = asyncio.run(load(url, args.token, images[: args.warmup], params[: args.warmup], 1))
     if not all(r["ok"] for r in warm):
         print(f"warm-up failed: {[r['error'] for r in warm]}", file=sys.stderr)
@@ -161,8 +168,8 @@ def measure(url: str, args: argparse.Namespace, images: list[bytes], params: lis
         concurrency=args.concurrency, size=args.size, tasks=args.tasks, steps=args.steps, upscale=args.upscale
     )
     print(json.dumps(summary, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
+    if args.json_path:
+        with open(args.json_path, "w") as f:
             json.dump(summary | {"records": records}, f, indent=1)
     return 1 if summary["failures"] else 0
 

@@ -10,10 +10,14 @@ stage 1, tiled VAE encode, tiled denoiser, tiled decode, colour fix), one fresh 
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from diffbir.config import parse_config
 
 CHILD = r"""
 import json, os, sys, time
@@ -58,14 +62,17 @@ print(json.dumps({"size": f"{h}x{w}", "weights": weights, "out": list(out.shape)
 """
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--weights", choices=["full", "tiny"], default="full")
-    ap.add_argument("--sizes", nargs="+", default=["1024", "2048"], help="N (square) or HxW")
-    ap.add_argument("--steps", type=int, default=1)
-    ap.add_argument("--tile-size", type=int, default=512)
-    ap.add_argument("--tile-stride", type=int, default=448)
-    args = ap.parse_args()
+class BenchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weights: Literal["full", "tiny"] = Field("full", description="real sizes (random weights) or the tiny files")
+    sizes: list[str] = Field(["1024", "2048"], description="image sizes: N (square) or HxW")
+    steps: int = Field(1, ge=1, description="sampling steps")
+    tile_size: int = Field(512, ge=64, description="tile side in image pixels")
+    tile_stride: int = Field(448, ge=8, description="tile stride in image pixels")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_config(BenchConfig, argv, __doc__, "python benchmarks/tiled_memory.py")
     print("| weights | image | steps | tile / stride | peak RSS GB | after loading GB | seconds |")
     print("|---|---|---|---|---|---|---|")
     for size in args.sizes:

@@ -12,7 +12,6 @@ model and the command.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
@@ -20,8 +19,9 @@ import tempfile
 from pathlib import Path
 
 from mlflow import MlflowClient
+from pydantic import BaseModel, ConfigDict, Field
 
-from diffbir.config import load_config
+from diffbir.config import load_config, parse_config
 from pipelines.feed import VAL_PHOTOS, write_example_shards
 from training import registry
 from training.launch import RUN_TAG, train
@@ -44,7 +44,7 @@ def measure(name, cls, yaml, task, workdir: Path, steps: int, warmup: int) -> di
         data=str(workdir / "data/train"),
         val_data=str(workdir / "data/val"),
         storage=str(workdir / "runs"),
-        mlflow_dir=str(workdir / "mlflow"),
+        tracking_dir=str(workdir / "mlflow"),
         steps=steps,
         log_every=10,
         checkpoint_every=steps,
@@ -70,12 +70,15 @@ def measure(name, cls, yaml, task, workdir: Path, steps: int, warmup: int) -> di
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--warmup", type=int, default=20, help="steps left out of the figures")
-    parser.add_argument("--workdir", help="default: a temporary directory")
-    args = parser.parse_args()
+class BenchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(60, ge=1, description="training steps of each run")
+    warmup: int = Field(20, ge=0, description="steps left out of the figures")
+    workdir: str | None = Field(None, description="data, checkpoints and MLflow store; None: a temporary directory")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_config(BenchConfig, argv, __doc__, "python benchmarks/training_throughput.py")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)
         write_example_shards(str(workdir / "data/train"))

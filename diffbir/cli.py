@@ -7,9 +7,8 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm import tqdm
 
@@ -17,23 +16,41 @@ from diffbir.checkpoints.info import describe, format_description
 from diffbir.checkpoints.io import CheckpointError
 from diffbir.checkpoints.loading import convert
 from diffbir.checkpoints.tiny import TINY_LAYOUT, TINY_SALT, write_keyed_files
-from diffbir.config import DiffusionConfig, add_config_flags, load_config
-from diffbir.image_io import ImageError, read_image, write_image
-from diffbir.pipeline import RestorationPipeline, RestoreOptions
+from diffbir.config import Arg, DiffusionConfig, Dtype, add_config_flags, config_from_args
+from diffbir.image_io import READABLE_SUFFIXES, WRITABLE_SUFFIXES, ImageError, read_image, write_image
+from diffbir.pipeline import DTYPES, RestorationPipeline, RestoreOptions
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+NumHeadChannels = Annotated[
+    int, Field(ge=1, description="attention head width, not recorded in the weights (SD 2.1: 64)")
+]
+
+
+class InfoConfig(BaseModel):
+    """`diffbir info`: what a checkpoint file or platform model directory holds."""
+
+    model_config = ConfigDict(extra="forbid")
+    paths: Annotated[list[str], Arg(positional=True)] = Field(
+        min_length=1, description="checkpoint files and model directories"
+    )
+    # not `json`, which would shadow BaseModel.json
+    as_json: Annotated[bool, Arg("--json")] = Field(False, description="print JSON")
+    num_head_channels: NumHeadChannels = 64
 
 
 class ConvertConfig(BaseModel):
     """`diffbir convert`: official files -> one platform model directory."""
 
     model_config = ConfigDict(extra="forbid")
-    inputs: list[str]
-    output: str
-    schedule: Literal["v1", "v2", "v2.1"] = "v2"  # v2.1 weights: zero-terminal-SNR + v prediction
-    dtype: Literal["float32", "float16", "bfloat16"] | None = None  # None: keep the stored dtype
-    num_head_channels: int = 64  # SD 2.1: 64; not recorded in the weights
-    overwrite: bool = False
+    inputs: Annotated[list[str], Arg(positional=True)] = Field(
+        description="SD 2.1 / IRControlNet / SwinIR / v1 full / spandrel files"
+    )
+    output: Annotated[str, Arg("-o")] = Field(description="output directory")
+    schedule: Literal["v1", "v2", "v2.1"] = Field(
+        "v2", description="noise schedule of the weights (v2.1: zero-terminal-SNR + v prediction)"
+    )
+    dtype: Dtype | None = Field(None, description="store the weights in this dtype (None: as read)")
+    num_head_channels: NumHeadChannels = 64
+    overwrite: bool = Field(False, description="replace an existing output directory")
 
 
 class InitTinyConfig(BaseModel):
@@ -52,30 +69,22 @@ class InitTinyConfig(BaseModel):
 
 
 def _cmd_init_tiny(args) -> int:
-    cfg = load_config(InitTinyConfig, args.config, **{f: getattr(args, f) for f in InitTinyConfig.model_fields})
+    cfg = config_from_args(InitTinyConfig, args)
     for path in write_keyed_files(cfg.output, cfg.layout or TINY_LAYOUT, cfg.salt, cfg.overwrite):
         print(f"{path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
 
 def _cmd_info(args) -> int:
-    for path in args.paths:
-        info = describe(path, args.num_head_channels)
-        print(json.dumps(info, indent=2) if args.json else format_description(info))
+    cfg = config_from_args(InfoConfig, args)
+    for path in cfg.paths:
+        info = describe(path, cfg.num_head_channels)
+        print(json.dumps(info, indent=2) if cfg.as_json else format_description(info))
     return 0
 
 
 def _cmd_convert(args) -> int:
-    cfg = load_config(
-        ConvertConfig,
-        args.config,
-        inputs=args.inputs or None,
-        output=args.output,
-        schedule=args.schedule,
-        dtype=args.dtype,
-        num_head_channels=args.num_head_channels,
-        overwrite=args.overwrite or None,
-    )
+    cfg = config_from_args(ConvertConfig, args)
     manifest = convert(
         cfg.inputs,
         cfg.output,
@@ -93,18 +102,17 @@ def _cmd_convert(args) -> int:
 class RestoreConfig(RestoreOptions):
     """`diffbir restore`: restoration options plus what to read, what to write and how to run."""
 
-    inputs: list[str]
-    output: str
-    model: list[str]  # a platform model directory, or official files
-    device: str = "cpu"
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    batch_size: int = Field(1, ge=1)
-    format: Literal["same", "png", "jpg", "webp"] = "same"
-    overwrite: bool = False
-    num_head_channels: int = 64
-
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+    inputs: Annotated[list[str], Arg(positional=True)] = Field(
+        description="image files and folders (walked recursively)"
+    )
+    output: Annotated[str, Arg("-o")] = Field(description="output folder (input folder layout is kept)")
+    model: Annotated[list[str], Arg("-m")] = Field(description="a platform model directory, or official files")
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
+    dtype: Dtype = Field("fp32", description="inference precision")
+    batch_size: int = Field(1, ge=1, description="images restored together (padded to a common size)")
+    format: Literal["same", "png", "jpg", "webp"] = Field("same", description="output format (same: the input's)")
+    overwrite: bool = Field(False, description="redo outputs that exist")
+    num_head_channels: NumHeadChannels = 64
 
 
 def collect_jobs(inputs: list[str], output: str, fmt: str) -> list[tuple[Path, Path]]:
@@ -112,7 +120,7 @@ def collect_jobs(inputs: list[str], output: str, fmt: str) -> list[tuple[Path, P
     jobs = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            files = sorted(p for p in item.rglob("*") if p.suffix.lower() in READABLE_SUFFIXES and p.is_file())
             jobs += [(f, Path(output) / f.relative_to(item)) for f in files]
         elif item.is_file():
             jobs.append((item, Path(output) / item.name))
@@ -122,14 +130,13 @@ def collect_jobs(inputs: list[str], output: str, fmt: str) -> list[tuple[Path, P
     def suffix(p: Path) -> str:
         if fmt != "same":
             return f".{fmt}"
-        return p.suffix if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") else ".png"
+        return p.suffix if p.suffix.lower() in WRITABLE_SUFFIXES else ".png"
 
     return [(src, dst.with_suffix(suffix(dst))) for src, dst in jobs]
 
 
 def _cmd_restore(args) -> int:
-    overrides = {f: getattr(args, f) for f in RestoreConfig.model_fields if getattr(args, f, None) is not None}
-    cfg = load_config(RestoreConfig, args.config, **overrides)
+    cfg = config_from_args(RestoreConfig, args)
     jobs = collect_jobs(cfg.inputs, cfg.output, cfg.format)
     todo = [(src, dst) for src, dst in jobs if cfg.overwrite or not dst.exists()]
     if len(todo) < len(jobs):
@@ -168,52 +175,23 @@ def _cmd_restore(args) -> int:
     return 1 if failed else 0
 
 
-def _add_restore_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="*", help="image files and folders (walked recursively)")
-    p.add_argument("-o", "--output", help="output folder (input folder layout is kept)")
-    p.add_argument("-m", "--model", action="append", help="platform model dir, or official files (repeat)")
-    p.add_argument("--config", help="YAML file with RestoreConfig fields; flags override it")
-    for name, field in RestoreConfig.model_fields.items():
-        if name in ("inputs", "output", "model"):
-            continue
-        flag = "--" + name.replace("_", "-")
-        help_text = field.description or ""
-        if field.annotation is bool or field.annotation == (bool | None):
-            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
-        else:
-            kind = {int: int, float: float}.get(field.annotation, None)
-            if kind is None and field.annotation == (float | None):
-                kind = float
-            p.add_argument(flag, dest=name, type=kind or str, help=f"{help_text} (default: {field.default})".strip())
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffbir", description="DiffBIR blind image restoration")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("info", help="say what a checkpoint file or model directory is")
-    p.add_argument("paths", nargs="+")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--num-head-channels", type=int, default=64, help="attention head width (SD 2.1: 64)")
-    p.set_defaults(func=_cmd_info)
-
-    p = sub.add_parser("convert", help="official checkpoints -> platform model directory")
-    p.add_argument("inputs", nargs="*", help="SD 2.1 / IRControlNet / SwinIR / v1 full / spandrel files")
-    p.add_argument("-o", "--output", help="output directory")
-    p.add_argument("--config", help="YAML file with ConvertConfig fields; flags override it")
-    p.add_argument("--schedule", choices=["v1", "v2", "v2.1"], help="noise schedule of the weights (default v2)")
-    p.add_argument("--dtype", choices=list(DTYPES), help="store weights in this dtype (default: as read)")
-    p.add_argument("--num-head-channels", type=int, help="attention head width (default 64, SD 2.1)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.set_defaults(func=_cmd_convert)
-
-    p = sub.add_parser("init-tiny", help="write tiny official-layout SD 2.1, IRControlNet and SwinIR files")
-    add_config_flags(p, InitTinyConfig)
-    p.set_defaults(func=_cmd_init_tiny)
-
-    p = sub.add_parser("restore", help="restore images and folders of images")
-    _add_restore_flags(p)
-    p.set_defaults(func=_cmd_restore)
+    for name, cls, func, help_text in (
+        ("info", InfoConfig, _cmd_info, "say what a checkpoint file or model directory is"),
+        ("convert", ConvertConfig, _cmd_convert, "official checkpoints -> platform model directory"),
+        (
+            "init-tiny",
+            InitTinyConfig,
+            _cmd_init_tiny,
+            "write tiny official-layout SD 2.1, IRControlNet and SwinIR files",
+        ),
+        ("restore", RestoreConfig, _cmd_restore, "restore images and folders of images"),
+    ):
+        p = sub.add_parser(name, help=help_text, description=cls.__doc__)
+        add_config_flags(p, cls)
+        p.set_defaults(func=func)
     return parser
 
 

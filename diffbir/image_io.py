@@ -2,7 +2,8 @@
 
 Restoration works on RGB in [0, 1]; what the user gave (grayscale, an alpha channel, 16 bits per
 channel, EXIF orientation) is recorded so the output comes back in the same form. OpenCV decodes
-(PIL truncates 16-bit colour PNGs to 8 bits); PIL only reads the EXIF orientation.
+(PIL truncates 16-bit colour PNGs to 8 bits); PIL only reads the header (size, EXIF orientation,
+JPEG quantization tables).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from PIL import Image
 
 MAX_PIXELS = 16384 * 16384  # refuse decompression bombs before decoding
 _EXT_TO_FORMAT = {".png": ".png", ".jpg": ".jpg", ".jpeg": ".jpg", ".webp": ".webp", ".tif": ".tiff", ".tiff": ".tiff"}
+# file suffixes (lower case) of what decode_image reads and of what encode_image writes
+READABLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+WRITABLE_SUFFIXES = tuple(_EXT_TO_FORMAT)
 
 
 class ImageError(ValueError):
@@ -28,21 +32,28 @@ class ImageInfo:
     gray: bool  # the input had one colour channel
     bit_depth: int  # 8 or 16
     alpha: np.ndarray | None  # (H, W) float32 in [0, 1]
+    quantization: dict[int, list[int]] | None = None  # a JPEG's quantization tables (from its header)
 
 
-def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, ImageInfo]:
-    """Bytes -> (RGB float32 (H, W, 3) in [0, 1], ImageInfo), EXIF orientation applied."""
+def decode_image(
+    data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXELS, dtype: type = np.float32
+) -> tuple[np.ndarray, ImageInfo]:
+    """Bytes -> (RGB (H, W, 3), ImageInfo), EXIF orientation applied. `dtype` float32: in [0, 1];
+    uint8: 8-bit levels (16-bit input rounded), which keeps crops of big photos cheap."""
+    if np.dtype(dtype) not in (np.float32, np.uint8):
+        raise ValueError(f"decode_image gives float32 or uint8, not {np.dtype(dtype)}")
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size  # from the header: a decompression bomb is refused before any decoding
             if w * h > max_pixels:
                 raise ImageError(f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,}")
+            tables = {k: list(v) for k, v in getattr(im, "quantization", {}).items()} or None  # JPEG only
             orientation = im.getexif().get(0x0112, 1)  # for a PNG, PIL decodes the image to find it
     except ImageError:
         raise
     except Exception as e:  # PIL raises many types for bad data
         raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {e})") from e
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # refuses truncated data
     if arr is None or arr.shape[:2] != (h, w):
         raise ImageError(f"{name}: image data is truncated or corrupt")
     if arr.dtype == np.uint8:
@@ -51,20 +62,18 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXEL
         depth, scale = 16, 65535.0
     else:
         raise ImageError(f"{name}: unsupported sample type {arr.dtype}")
-    img = arr.astype(np.float32) / scale
-    alpha = None
-    if img.ndim == 2:
-        gray, rgb = True, np.repeat(img[..., None], 3, axis=2)
-    elif img.shape[2] == 1:
-        gray, rgb = True, np.repeat(img, 3, axis=2)
-    elif img.shape[2] == 2:  # gray + alpha
-        gray, rgb, alpha = True, np.repeat(img[..., :1], 3, axis=2), img[..., 1]
-    else:
-        gray, rgb = False, img[..., 2::-1]  # BGR(A) -> RGB
-        alpha = img[..., 3] if img.shape[2] == 4 else None
+    arr = arr.reshape(h, w, -1)
+    gray = arr.shape[2] <= 2  # gray, or gray + alpha
+    alpha = arr[..., -1].astype(np.float32) / scale if arr.shape[2] in (2, 4) else None
+    colour = arr[..., :1] if gray else arr[..., 2::-1]  # BGR(A) -> RGB
+    if np.dtype(dtype) == np.float32:
+        colour = colour.astype(np.float32) / scale
+    elif depth == 16:
+        colour = (colour.astype(np.float32) / 257 + 0.5).astype(np.uint8)
+    rgb = np.repeat(colour, 3, axis=2) if gray else colour
     rgb = _orient(np.ascontiguousarray(rgb), orientation)
     alpha = _orient(alpha, orientation) if alpha is not None else None
-    return rgb, ImageInfo(gray, depth, alpha)
+    return rgb, ImageInfo(gray, depth, alpha, tables)
 
 
 def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, ImageInfo]:

@@ -20,10 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from diffbir.checkpoints.loading import ModelBundle, load_model
 from diffbir.colorfix import wavelet_reconstruction
+from diffbir.config import Dtype
 from diffbir.sampling import SAMPLERS, Denoiser, RestorationGuidance, cfg_model, initial_latent, sample
 from diffbir.sampling.tiling import cldm_tiled_denoiser, tiled_apply, tiled_stage1, tiled_vae_decode
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES: dict[Dtype, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TASK_UPSCALE = {"sr": 4.0, "face": 1.0, "denoise": 1.0}
 DEFAULT_NEGATIVE = "low quality, blurry, low-resolution, noisy, unsharp, weird textures"
 
@@ -36,7 +37,7 @@ class RestoreOptions(BaseModel):
     task: Literal["sr", "face", "denoise"] = "sr"
     upscale: float | None = Field(None, gt=0, le=16, description="output / input size; default: 4 for sr, else 1")
     min_side: int = Field(512, ge=64, description="work at least at this short side (the paper's 512)")
-    sampler: str = "ddpm"
+    sampler: Literal[SAMPLERS] = "ddpm"
     steps: int = Field(50, ge=1, le=1000)
     cfg_scale: float = Field(4.0, ge=0)
     prompt: str = ""
@@ -57,8 +58,6 @@ class RestoreOptions(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> RestoreOptions:
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if self.tile_size % 64 or self.tile_stride % 8 or self.tile_stride > self.tile_size:
             raise ValueError("tile_size must be a multiple of 64 and tile_stride a multiple of 8, at most tile_size")
         return self
@@ -111,7 +110,7 @@ class RestorationPipeline:
 
     @classmethod
     def from_pretrained(
-        cls, paths: str | Path | Sequence[str | Path], device: str = "cpu", dtype: str = "fp32", **load_kwargs
+        cls, paths: str | Path | Sequence[str | Path], device: str = "cpu", dtype: Dtype = "fp32", **load_kwargs
     ) -> RestorationPipeline:
         return cls(load_model(paths, **load_kwargs), device, DTYPES[dtype])
 
@@ -163,17 +162,49 @@ class RestorationPipeline:
         plans = [plan_sizes(im.shape[0], im.shape[1], opts.scale, opts.min_side) for im in images]
         canvases = [canvas_size(im.shape[0], im.shape[1], opts) for im in images]
         H, W = max(h for h, _ in canvases), max(w for _, w in canvases)  # the batch's common size
-        clean = []
-        for im, (_, work) in zip(images, plans):
-            lq = torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)[None].to(self.device, self.dtype)
-            clean.append(_pad(self.run_stage1(lq, work, opts), (H, W)))
+        clean = [_pad(self.run_stage1(self._tensor(im), work, opts), (H, W)) for im, (_, work) in zip(images, plans)]
         clean = torch.cat(clean)
         restored = self._diffuse(clean, opts, seeds)
         out = []
         for i, (size, work) in enumerate(plans):
             img = restored[i : i + 1, :, : work[0], : work[1]]
-            out.append(_resize(img, size).clamp(0, 1)[0].permute(1, 2, 0).float().cpu().numpy())
+            out.append(_to_numpy(_resize(img, size)))
         return out
+
+    @torch.no_grad()
+    def stage1_image(self, image: np.ndarray, opts: RestoreOptions) -> np.ndarray:
+        """What stage 1 makes of `image` on its way through the pipeline (at the output size): the
+        intermediate a contact sheet shows between the input and the final image."""
+        size, work = plan_sizes(image.shape[0], image.shape[1], opts.scale, opts.min_side)
+        return _to_numpy(_resize(self.run_stage1(self._tensor(image), work, opts), size))
+
+    def _tensor(self, image: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(self.device, self.dtype)
+
+    @staticmethod
+    def canvas_groups(images: Sequence[np.ndarray], options: Sequence[RestoreOptions]) -> list[list[int]]:
+        """Indices of the images that restore in one call: the same options but the seed, and the same
+        working canvas (canvas_size), so no result depends on its batch mates. Groups in input order."""
+        groups: dict[tuple, list[int]] = {}
+        for i, (im, opts) in enumerate(zip(images, options, strict=True)):
+            key = opts.model_dump_json(exclude={"seed"}), canvas_size(im.shape[0], im.shape[1], opts)
+            groups.setdefault(key, []).append(i)
+        return list(groups.values())
+
+    def restore_grouped(
+        self, images: Sequence[np.ndarray], options: Sequence[RestoreOptions]
+    ) -> list[np.ndarray | Exception]:
+        """Restore images that each bring their own options and seed, one call per canvas group.
+        One result per image, in order: the restored image, or the exception that failed its group."""
+        results: list[np.ndarray | Exception] = [None] * len(images)  # type: ignore[list-item]
+        for members in self.canvas_groups(images, options):
+            try:
+                restored = self([images[i] for i in members], options[members[0]], [options[i].seed for i in members])
+            except Exception as e:  # noqa: BLE001 -- e.g. out of memory on a large canvas: the other groups go on
+                restored = [e] * len(members)
+            for i, image in zip(members, restored):
+                results[i] = image
+        return results
 
     def _diffuse(self, clean: torch.Tensor, opts: RestoreOptions, seeds: Sequence[int]) -> torch.Tensor:
         """Stage-1 images (N,3,H,W) in [0,1], H and W multiples of 64 -> restored images in [0,1]."""
@@ -235,3 +266,8 @@ def per_image_noise(generators: Sequence[torch.Generator]):
         return torch.stack(per).to(like.device, like.dtype)
 
     return draw
+
+
+def _to_numpy(image: torch.Tensor) -> np.ndarray:
+    """(1, 3, H, W) in [0, 1] -> (H, W, 3) float32."""
+    return image.clamp(0, 1)[0].permute(1, 2, 0).float().cpu().numpy()

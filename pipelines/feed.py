@@ -23,7 +23,6 @@ neither keeps a rank's order nor lets a restarted worker start mid-epoch.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import posixpath
@@ -40,33 +39,25 @@ import pyarrow as pa
 import ray
 import ray.data
 import torch
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from pipelines.degradations import degrade, load_config
+from diffbir.config import Arg, parse_config
+from diffbir.image_io import READABLE_SUFFIXES, decode_image
+from pipelines.config import Degradation, Location
+from pipelines.degradations import degrade, load_degradation
 from pipelines.shards import atomic_write, write_tar
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-INDEX_SCHEMA = pa.schema(
+# index_samples: where each sample's image bytes lie (not pipelines.shards' index.parquet)
+FEED_INDEX_SCHEMA = pa.schema(
     [("url", pa.string()), ("key", pa.string()), ("offset", pa.int64()), ("size", pa.int64()), ("caption", pa.string())]
 )
 # Ray Data plans every read task of a dataset up front: a long run reads in segments of this many batches
 SEGMENT_BATCHES = 1000
 # salts of the generators drawn from the seed: epoch order, training samples, validation samples
 _ORDER, _SAMPLE, _VAL = 0, 1, 2
-
-
-def _absolute(path: str) -> str:
-    """Local paths become absolute where a config is read (the driver), so that workers with
-    another working directory find them; URLs stay as they are."""
-    return path if "://" in path else str(Path(path).expanduser().resolve())
-
-
-Location = Annotated[str, AfterValidator(_absolute)]
-# a bundled degradation model's name, or a YAML file (a Location)
-Degradation = Annotated[str, AfterValidator(lambda s: _absolute(s) if s.endswith((".yaml", ".yml")) else s)]
 
 
 class FeedConfig(BaseModel):
@@ -114,9 +105,9 @@ def index_samples(source: str) -> pa.Table:
         rows = _index_folder(fs, path)
     if not rows:
         raise FileNotFoundError(
-            f"no samples at {source}: expected *.tar WebDataset shards or {'/'.join(IMAGE_EXTS)} images"
+            f"no samples at {source}: expected *.tar WebDataset shards or {' '.join(READABLE_SUFFIXES)} images"
         )
-    return pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=FEED_INDEX_SCHEMA)
 
 
 def _index_tar(fs: fsspec.AbstractFileSystem, path: str) -> list[dict]:
@@ -134,7 +125,7 @@ def _index_tar(fs: fsspec.AbstractFileSystem, path: str) -> list[dict]:
                 base.split(".", 1)[-1].lower(),
             )
             sample = samples.setdefault(key, {"url": url, "key": key, "offset": None, "size": None, "caption": ""})
-            if ext in IMAGE_EXTS:
+            if f".{ext}" in READABLE_SUFFIXES:
                 sample["offset"], sample["size"] = member.offset_data, member.size
             elif ext == "txt":
                 sample["caption"] = tar.extractfile(member).read().decode("utf-8", "replace")
@@ -142,7 +133,7 @@ def _index_tar(fs: fsspec.AbstractFileSystem, path: str) -> list[dict]:
 
 
 def _index_folder(fs: fsspec.AbstractFileSystem, path: str) -> list[dict]:
-    files = sorted(p for p in fs.find(path) if p.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)
+    files = sorted(p for p in fs.find(path) if p.lower().endswith(READABLE_SUFFIXES))
     rows = []
     for p in files:
         caption_file = p.rsplit(".", 1)[0] + ".txt"
@@ -190,15 +181,6 @@ def rank_samples(n: int, seed: int, rank: int, world: int, positions: np.ndarray
     return epochs, ids
 
 
-def decode(data: bytes, name: str = "<bytes>") -> np.ndarray:
-    """Image bytes -> uint8 RGB (H, W, 3), EXIF orientation applied (OpenCV does it); cropping
-    before the conversion to float keeps big photos cheap."""
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        raise ValueError(f"{name}: not a decodable image")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
 def random_crop(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """A size×size crop at native resolution (smaller images are first scaled up, bicubic, to
     `size` on the short side), flipped horizontally half the time."""
@@ -214,7 +196,8 @@ def random_crop(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndar
 
 def make_sample(data: bytes, caption: str, rng: np.random.Generator, cfg: FeedConfig, name: str = "<bytes>"):
     """Image bytes -> (HQ (3,H,W) in [-1,1], LQ (3,H,W) in [0,1], prompt), all draws from `rng`."""
-    hq = random_crop(decode(data, name), cfg.crop_size, rng).astype(np.float32) / 255
+    # uint8 until cropped: converting a whole big photo to float would cost more than the crop
+    hq = random_crop(decode_image(data, name, dtype=np.uint8)[0], cfg.crop_size, rng).astype(np.float32) / 255
     lq, _ = degrade(hq, rng, _degradation(cfg.degradation))
     if lq.shape != hq.shape:  # LQ is fed at HQ size (a Real-ESRGAN config without resize_back)
         lq = np.clip(cv2.resize(lq, hq.shape[1::-1], interpolation=cv2.INTER_CUBIC), 0, 1)
@@ -224,7 +207,7 @@ def make_sample(data: bytes, caption: str, rng: np.random.Generator, cfg: FeedCo
 
 @functools.lru_cache(maxsize=4)
 def _degradation(name: str):
-    return load_config(name)
+    return load_degradation(name)
 
 
 def _samples(cfg: FeedConfig, index: pa.Table, epochs: np.ndarray, ids: np.ndarray, salt: int) -> dict[str, np.ndarray]:
@@ -359,14 +342,20 @@ def write_example_shards(out_dir: str, photos: tuple[str, ...] = TRAIN_PHOTOS, p
     return urls
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description="Write the example training data (scikit-image photos) as WebDataset shards."
+class ExampleDataConfig(BaseModel):
+    """Write the example training data (scikit-image photos) as WebDataset shards."""
+
+    model_config = ConfigDict(extra="forbid")
+    out_dir: Annotated[Location, Arg(positional=True)] = Field(
+        description="gets train/ and val/ (held-out photos) shard directories"
     )
-    parser.add_argument("out_dir", help="gets train/ and val/ (held-out photos) shard directories")
-    args = parser.parse_args(argv)
+    per_shard: int = Field(2, ge=1, description="photos per shard")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(ExampleDataConfig, argv, ExampleDataConfig.__doc__, "python -m pipelines.feed")
     for split, photos in (("train", TRAIN_PHOTOS), ("val", VAL_PHOTOS)):
-        print("\n".join(write_example_shards(f"{args.out_dir}/{split}", photos)))
+        print("\n".join(write_example_shards(f"{cfg.out_dir}/{split}", photos, cfg.per_shard)))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ filter -> near-duplicate removal -> final shards, index and stats report.
     python -m pipelines.filter_laion                                  # the embedded sample
     python -m pipelines.filter_laion --metadata 's3://bucket/laion2B-en/*.parquet' --output s3://bucket/out
     python -m pipelines.filter_laion --config pipelines/configs/filter_laion.yaml [--output DIR]
+    python -m pipelines.filter_laion --prefilter.min-side 512 --dedup '{"max_distance": 4}'   # any stage field
 
 Every stage runs on Ray (RAY_ADDRESS joins a cluster). Each stage writes its output completely
 before the next starts, and the download resumes finished shards, so a rerun after a crash
@@ -12,7 +13,6 @@ continues where it stopped and produces the same shards.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from diffbir.config import load_config
+from diffbir.config import parse_config
 from pipelines.dedup import DedupConfig, dedup
 from pipelines.download import DownloadConfig, download
 from pipelines.prefilter import PrefilterConfig, prefilter
@@ -126,14 +126,9 @@ def run(cfg: FilterLaionConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML with FilterLaionConfig sections")
-    ap.add_argument("--metadata", nargs="+", help="LAION parquet files, globs or fsspec URLs (default: the sample)")
-    ap.add_argument("--output", help="output directory or fsspec URL (default runs/laion)")
-    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        cfg = load_config(FilterLaionConfig, args.config, metadata=args.metadata, output=args.output)
+        cfg = parse_config(FilterLaionConfig, argv, __doc__, "python -m pipelines.filter_laion", DEFAULT_CONFIG)
         report = run(cfg)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"filter-laion: error: {e}", file=sys.stderr)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import io
 import json
 import logging
 import math
@@ -38,6 +37,8 @@ import scipy.fft
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from diffbir.image_io import READABLE_SUFFIXES, ImageError, decode_image
+from pipelines.arrow import batched_tables
 from pipelines.dedup import phash_hex
 
 if TYPE_CHECKING:
@@ -52,7 +53,6 @@ FLAT_STD = 2.0  # a pixel is "flat" when the std of its 7×7 neighbourhood is be
 # Measured on the bundled photos: sharp ones 0.045–0.17 (0.03 after a 1.7× upscale); a 2× upscale
 # of a sharp photo 0.0085, a 4× upscale 0.0007, Gaussian blur σ=1 0.002.
 DETAIL_LEVEL = 0.015
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 # --------------------------------------------------------------------------- measurements
@@ -286,24 +286,10 @@ def jpeg_quality(quantization: Mapping[int, Sequence[int]] | None) -> int | None
 # --------------------------------------------------------------------------- decision
 
 
-@dataclass(frozen=True)
-class Decoded:
-    pixels: np.ndarray  # H×W×3 RGB uint8
-    quantization: dict[int, list[int]] | None  # JPEG tables, None for other formats
-
-
-def decode(image_bytes: bytes) -> Decoded:
-    """Full decode with PIL (raises on corrupt or truncated data: PIL refuses truncated files
-    unless told otherwise, and so do we). EXIF orientation is ignored: no score depends on it."""
-    with Image.open(io.BytesIO(image_bytes)) as im:
-        im.load()
-        tables = dict(im.quantization) if im.format == "JPEG" else None
-        return Decoded(np.asarray(im.convert("RGB")), tables)
-
-
-def measure(decoded: Decoded) -> dict[str, float | int | None]:
-    """Every pixel score of one image (SCORE_TYPES without `learned_iqa`, which the scorer adds)."""
-    px = decoded.pixels
+def measure(px: np.ndarray, quantization: Mapping[int, Sequence[int]] | None = None) -> dict[str, float | int | None]:
+    """Every pixel score of one image (SCORE_TYPES without `learned_iqa`, which the scorer adds):
+    `px` is H×W×3 RGB uint8 as `decode_image(..., dtype=np.uint8)` gives it, `quantization` its
+    ImageInfo's JPEG tables."""
     gray = to_gray(px)
     norm = _normalised(gray)  # shared by the size-normalised measurements
     h, w = gray.shape
@@ -316,7 +302,7 @@ def measure(decoded: Decoded) -> dict[str, float | int | None]:
         "hf_energy_ratio": hf,
         "sharpness": sharpness(norm),
         "noise_sigma": noise_sigma(px),
-        "jpeg_quality": jpeg_quality(decoded.quantization),
+        "jpeg_quality": jpeg_quality(quantization),
         "blockiness": blockiness(gray),
         "flat_fraction": flat_fraction(norm),
         **luminance_stats(gray),
@@ -436,12 +422,12 @@ def assess_batch(
     results, kept_pixels = [], {}  # index of each decodable item → its pixels (only for the scorer)
     for i, (image_bytes, _) in enumerate(items):
         try:
-            decoded = decode(image_bytes)
-        except Exception:  # noqa: BLE001 -- PIL raises many types (OSError, SyntaxError, ValueError, bomb errors...)
+            pixels, info = decode_image(image_bytes, dtype=np.uint8)
+        except ImageError:
             results.append(QualityResult({}, False, ["decode_error"]))
             continue
-        results.append(QualityResult(measure(decoded), True, [], phash_hex(decoded.pixels)))
-        kept_pixels[i] = decoded.pixels if iqa is not None else None
+        results.append(QualityResult(measure(pixels, info.quantization), True, [], phash_hex(pixels)))
+        kept_pixels[i] = pixels if iqa is not None else None
     if iqa is not None and kept_pixels:
         values = np.asarray(iqa.score(list(kept_pixels.values())), dtype=float).reshape(-1)
         for i, value in zip(kept_pixels, values):
@@ -549,7 +535,8 @@ class TorchIQA(ABC):
 
 # --------------------------------------------------------------------------- webdataset input
 
-READ_SCHEMA = pa.schema(
+# a sample of an img2dataset download tar, as iter_tar_samples reads it
+DOWNLOADED_SAMPLE_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
         ("source", pa.string()),
@@ -563,7 +550,7 @@ READ_SCHEMA = pa.schema(
     ]
 )
 SCORED_SCHEMA = pa.schema(
-    [f for f in READ_SCHEMA if f.name != "image"]
+    [f for f in DOWNLOADED_SAMPLE_SCHEMA if f.name != "image"]
     + [("sha256", pa.string()), ("phash", pa.string())]
     + [(name, t) for name, t in SCORE_TYPES.items()]
     + [("reasons", pa.list_(pa.string())), ("reason", pa.string()), ("passed", pa.bool_())]
@@ -571,13 +558,13 @@ SCORED_SCHEMA = pa.schema(
 
 
 def iter_tar_samples(url: str) -> Iterator[dict]:
-    """Stream one img2dataset tar (fsspec URL) as READ_SCHEMA rows, members grouped by key. A
-    sample without an image gets error 'missing_image'; a malformed or truncated tar ends with
-    one row with error 'tar_error' (its last, possibly incomplete, sample is dropped)."""
+    """Stream one img2dataset tar (fsspec URL) as DOWNLOADED_SAMPLE_SCHEMA rows, members grouped
+    by key. A sample without an image gets error 'missing_image'; a malformed or truncated tar
+    ends with one row with error 'tar_error' (its last, possibly incomplete, sample is dropped)."""
     import fsspec
 
     def row(key: str, members: dict) -> dict:
-        ext = next((e for e in IMAGE_EXTS if e in members), None)
+        ext = next((s[1:] for s in READABLE_SUFFIXES if s[1:] in members), None)
         offset, data = members.get(ext, (None, None))
         txt = members.get("txt", (0, b""))[1]
         return {
@@ -630,10 +617,10 @@ def _parse_meta(text: str) -> dict | None:
 
 
 def score_rows(rows: Sequence[Mapping[str, Any]], config: QualityConfig, iqa: LearnedIQA | None = None) -> list[dict]:
-    """READ_SCHEMA rows → SCORED_SCHEMA rows (bytes replaced by their SHA-256)."""
+    """DOWNLOADED_SAMPLE_SCHEMA rows → SCORED_SCHEMA rows (bytes replaced by their SHA-256)."""
     out, todo = [], []
     for row in rows:
-        rec = {k: row[k] for k in READ_SCHEMA.names if k != "image"}
+        rec = {k: row[k] for k in DOWNLOADED_SAMPLE_SCHEMA.names if k != "image"}
         rec |= dict.fromkeys(SCORE_NAMES) | {
             "sha256": None,
             "phash": None,
@@ -673,14 +660,7 @@ class _Scorer:
 
 def _read_tar_batch(batch: pa.Table, rows_per_block: int = 32) -> Iterator[pa.Table]:
     for url in batch["path"].to_pylist():
-        rows = []
-        for row in iter_tar_samples(url):
-            rows.append(row)
-            if len(rows) == rows_per_block:
-                yield pa.Table.from_pylist(rows, schema=READ_SCHEMA)
-                rows = []
-        if rows:
-            yield pa.Table.from_pylist(rows, schema=READ_SCHEMA)
+        yield from batched_tables(iter_tar_samples(url), DOWNLOADED_SAMPLE_SCHEMA, rows_per_block)
 
 
 def list_tars(source: str | Sequence[str]) -> list[str]:

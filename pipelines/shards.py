@@ -41,7 +41,8 @@ from pipelines.quality import SCORE_NAMES, SCORE_TYPES
 if TYPE_CHECKING:
     import ray.data
 
-INDEX_SCHEMA = pa.schema(
+# the rows of index.parquet: one per sample written, naming its shard
+SHARD_INDEX_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
         ("shard", pa.string()),
@@ -146,7 +147,7 @@ def _index_rows(samples: list[tuple[Mapping[str, Any], bytes]], shard: str) -> p
         }
         for r, _ in samples
     ]
-    return pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=SHARD_INDEX_SCHEMA)
 
 
 def _write_shard(fs: fsspec.AbstractFileSystem, path: str, samples: list[tuple[Mapping[str, Any], bytes]]) -> None:
@@ -176,7 +177,7 @@ def write_shards(
     with (
         ThreadPoolExecutor(config.workers) as pool,
         atomic_write(fs, f"{root}/index.parquet") as index_file,
-        pq.ParquetWriter(index_file, INDEX_SCHEMA) as index,
+        pq.ParquetWriter(index_file, SHARD_INDEX_SCHEMA) as index,
     ):
         pending, buffer = deque(), []
 

@@ -47,7 +47,7 @@ from serving.limits import (
     restore_options,
     split_upload,
 )
-from serving.model import BatchStats, Job, ServedModel, group_key, load_served_model, restore_jobs
+from serving.model import BatchStats, Job, ServedModel, load_served_model
 from training import registry
 
 STATIC = Path(__file__).with_name("static")
@@ -241,14 +241,15 @@ class RestorationService:
     @serve.batch  # sizes are set per replica from the config in __init__
     async def _restore_batch(self, jobs: list[Job]) -> list[Restored]:
         model = self.model  # a reload during this batch swaps self.model, not this one
+        images, options = [j.image for j in jobs], [j.options for j in jobs]
         start = time.perf_counter()
         self.stats.restoring = len(jobs)
         try:
-            images = await asyncio.to_thread(restore_jobs, model.pipeline, jobs)
+            results = await asyncio.to_thread(model.pipeline.restore_grouped, images, options)
         finally:
             self.stats.restoring = 0
-        self.stats.record(len(jobs), len({group_key(j) for j in jobs}), time.perf_counter() - start)
-        return [Restored(image, model, len(jobs)) for image in images]
+        self.stats.record(len(jobs), len(model.pipeline.canvas_groups(images, options)), time.perf_counter() - start)
+        return [Restored(result, model, len(jobs)) for result in results]
 
     async def _refresh(self) -> bool:
         """Load what cfg.model_uri names now when it is another version; True when it was."""

@@ -14,7 +14,7 @@ Beside the output, named after its stem (the output without its archive suffix):
         path, output, status (restored / skipped / failed), reason, error, model uri + version,
         options (JSON), seed, size, timings, run id. skipped: refused, or not a usable image (a
         rerun skips it again); failed: restoration raised (a rerun retries it)
-    <stem>.contact.png, <stem>.contact.html        before/after of the first restored images
+    <stem>.contact.png, <stem>.contact.html        input | stage 1 | final of the first restored images
     <stem>.parts/                                  the work directory; removed when the run ends
 
 How: the driver lists the members (one pass over the archive; the names and declared sizes
@@ -58,11 +58,10 @@ import tarfile
 import time
 import uuid
 import zipfile
-from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import BinaryIO, Literal
+from typing import BinaryIO
 
 import cv2
 import fsspec
@@ -79,9 +78,10 @@ from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 from tqdm import tqdm
 
-from diffbir.config import parse_config
-from diffbir.image_io import ImageError, decode_image, encode_image
-from diffbir.pipeline import RestorationPipeline, RestoreOptions, canvas_size
+from diffbir.config import Dtype, parse_config
+from diffbir.image_io import WRITABLE_SUFFIXES, ImageError, ImageInfo, decode_image, encode_image
+from diffbir.pipeline import RestorationPipeline, RestoreOptions
+from pipelines.arrow import batched_tables
 from pipelines.ray_env import ensure_ray
 from pipelines.shards import atomic_write
 from training import registry
@@ -97,7 +97,6 @@ ARCHIVE_SUFFIXES = {  # longest first
     ".zip": "zip",
 }
 TAR_COMPRESSION = {"tar": "", "tar.gz": "gz", "tar.bz2": "bz2", "tar.xz": "xz"}  # tarfile's stream modes r|… and w|…
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")  # what encode_image writes back
 READ_CPUS = 0.25  # fractional: read tasks must not wait behind whole-CPU actors on small machines
 THUMB_HEIGHT = 160
 
@@ -111,7 +110,7 @@ class ArchiveConfig(RestoreOptions):
     model: str = Field("models:/diffbir@champion", description=f"{registry.URI_FORMS}")
     tracking_dir: str = Field(registry.DEFAULT_DIR, description="local MLflow store (MLFLOW_TRACKING_URI wins)")
     cache_dir: str | None = Field(None, description=f"downloaded versions (default ${registry.CACHE_ENV} or ~/.cache)")
-    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="inference precision")
+    dtype: Dtype = Field("fp32", description="inference precision")
     batch_size: int = Field(4, ge=1, description="images per actor call")
     concurrency: int = Field(1, ge=1, description="actors in the pool, each holding one model copy")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor (0: run on CPU)")
@@ -123,7 +122,9 @@ class ArchiveConfig(RestoreOptions):
     max_total_bytes: int = Field(256 << 30, ge=1, description="skip everything once the declared sizes add up to more")
     max_members: int = Field(1_000_000, ge=1, description="refuse archives with more entries")
     max_pixels: int = Field(100_000_000, ge=1, description="skip images with more pixels (read from the header)")
-    contact_sheet: int = Field(8, ge=0, description="before/after pairs in the contact sheet (0: none)")
+    contact_sheet: int = Field(
+        8, ge=0, le=64, description="images in the contact sheet, as input | stage 1 | final (0: none)"
+    )
     keep_parts: bool = Field(False, description="keep <stem>.parts/ after a finished run")
     overwrite: bool = Field(False, description="replace an existing output and discard earlier parts")
 
@@ -281,8 +282,8 @@ def _screen(members: Iterator[Member], cfg: ArchiveConfig) -> list[Member]:
         if path is not None and not reason:
             if path in seen:
                 reason = f"duplicate name (member {seen[path]} has it)"
-            elif not path.lower().endswith(IMAGE_SUFFIXES):
-                reason = f"not a restorable image type (suffix not one of {' '.join(IMAGE_SUFFIXES)})"
+            elif not path.lower().endswith(WRITABLE_SUFFIXES):  # each member is written back in its own format
+                reason = f"not a restorable image type (suffix not one of {' '.join(WRITABLE_SUFFIXES)})"
             elif m.size > cfg.max_member_bytes:
                 reason = f"declares {m.size:,} bytes, over max_member_bytes = {cfg.max_member_bytes:,}"
             elif total > cfg.max_total_bytes:
@@ -356,7 +357,8 @@ def read_declared(f: BinaryIO, size: int) -> bytes:
     return data
 
 
-READ_SCHEMA = pa.schema(
+# a member as a read task hands it to the restorers: its bytes, or why there are none
+ARCHIVE_MEMBER_SCHEMA = pa.schema(
     [
         ("ordinal", pa.int64()),
         ("path", pa.string()),
@@ -396,14 +398,11 @@ class MemberSource(Datasource):
 
 
 def _read_blocks(url: str, kind: str, chunk: list[Member], rows_per_block: int) -> Iterator[pa.Table]:
-    rows = []
-    for m, data, reason, seconds in read_members(url, kind, chunk):
-        rows.append(dict(ordinal=m.ordinal, path=m.path, data=data, reason=reason, read_s=seconds))
-        if len(rows) == rows_per_block:
-            yield pa.Table.from_pylist(rows, schema=READ_SCHEMA)
-            rows = []
-    if rows:
-        yield pa.Table.from_pylist(rows, schema=READ_SCHEMA)
+    rows = (
+        dict(ordinal=m.ordinal, path=m.path, data=data, reason=reason, read_s=seconds)
+        for m, data, reason, seconds in read_members(url, kind, chunk)
+    )
+    yield from batched_tables(rows, ARCHIVE_MEMBER_SCHEMA, rows_per_block)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,19 +420,23 @@ RESULT_SCHEMA = pa.schema(
         ("read_s", pa.float64()),
         ("restore_s", pa.float64()),
         ("data", pa.large_binary()),
+        ("stage1", pa.large_binary()),  # PNG of the stage-1 image, for the contact sheet's members only
     ]
 )
 
 
-class Restorer:
-    """map_batches actor: READ_SCHEMA blocks -> RESULT_SCHEMA rows. Per-image problems become
-    rows (skipped: the input is unusable; failed: restoration raised), never a failed job."""
+class ArchiveRestorer:
+    """map_batches actor: ARCHIVE_MEMBER_SCHEMA blocks -> RESULT_SCHEMA rows. Per-image problems
+    become rows (skipped: the input is unusable; failed: restoration raised), never a failed job."""
 
-    def __init__(self, model_uri: str, tracking_uri: str, cache_dir: str | None, options: dict, cfg: dict):
+    def __init__(
+        self, model_uri: str, tracking_uri: str, cache_dir: str | None, options: dict, cfg: dict, contact: list[int]
+    ):
         if model_uri.startswith("models:/"):
             mlflow.set_tracking_uri(tracking_uri)  # this worker may have started before the driver set it
         self.opts = RestoreOptions(**options)
         self.max_pixels, self.quality = cfg["max_pixels"], cfg["jpeg_quality"]
+        self.contact = set(contact)  # ordinals whose stage-1 image the contact sheet shows
         device = "cuda" if cfg["gpus_per_actor"] > 0 else "cpu"
         if device == "cpu":
             torch.set_num_threads(math.ceil(cfg["cpus_per_actor"]))
@@ -441,7 +444,7 @@ class Restorer:
         self.pipe = RestorationPipeline.from_pretrained(str(model_dir), device, cfg["dtype"])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        results, groups = [], defaultdict(list)
+        results, decoded = [], []
         for row in batch.to_pylist():
             seed = seed_for(row["path"], self.opts.seed)
             result = dict(
@@ -450,36 +453,40 @@ class Restorer:
             if row["data"] is not None:
                 try:
                     image, info = decode_image(row["data"], row["path"], self.max_pixels)
-                    groups[canvas_size(image.shape[0], image.shape[1], self.opts)].append(
-                        (result, image, info, row["path"])
-                    )
+                    decoded.append((result, image, info, row["path"]))
                     continue
                 except ImageError as e:
                     result["reason"] = str(e)
             results.append(result)
-        for group in groups.values():  # one canvas: results independent of batch mates
-            results += self._restore(group)
+        start = time.perf_counter()  # restore_s: the time restoring the block, per image
+        options = [self.opts.model_copy(update={"seed": r["seed"]}) for r, *_ in decoded]
+        outputs = self.pipe.restore_grouped([image for _, image, _, _ in decoded], options)
+        seconds = (time.perf_counter() - start) / max(len(decoded), 1)
+        for (result, image, info, path), out, opts in zip(decoded, outputs, options):
+            result = self._finish(result, out, info, path, seconds)
+            if result["status"] == "restored" and result["ordinal"] in self.contact:
+                result["stage1"] = encode_image(self.pipe.stage1_image(image, opts))
+            results.append(result)
         return pa.Table.from_pylist(results, schema=RESULT_SCHEMA)
 
-    def _restore(self, group: list) -> list[dict]:
-        start = time.perf_counter()
-        try:
-            outputs = self.pipe([image for _, image, _, _ in group], self.opts, [r["seed"] for r, *_ in group])
-            encoded = [
-                encode_image(out, info, posixpath.splitext(path)[1], self.quality)
-                for out, (_, _, info, path) in zip(outputs, group)
-            ]
-        except Exception as e:  # noqa: BLE001 -- recorded per image; the other groups go on
-            error = f"{type(e).__name__}: {e}"
-            return [r | dict(status="failed", reason="restoration raised an error", error=error) for r, *_ in group]
-        seconds = (time.perf_counter() - start) / len(group)
-        return [
-            r
-            | dict(
-                status="restored", reason=None, data=data, height=out.shape[0], width=out.shape[1], restore_s=seconds
-            )
-            for (r, *_), out, data in zip(group, outputs, encoded)
-        ]
+    def _finish(self, result: dict, out: np.ndarray | Exception, info: ImageInfo, path: str, seconds: float) -> dict:
+        """`result` completed: restored, or failed when restoring or encoding raised."""
+        if not isinstance(out, Exception):
+            try:
+                data = encode_image(out, info, posixpath.splitext(path)[1], self.quality)
+                return result | dict(
+                    status="restored",
+                    reason=None,
+                    data=data,
+                    height=out.shape[0],
+                    width=out.shape[1],
+                    restore_s=seconds,
+                )
+            except Exception as e:  # noqa: BLE001 -- recorded per image; the others go on
+                out = e
+        return result | dict(
+            status="failed", reason="restoration raised an error", error=f"{type(out).__name__}: {out}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,16 +535,22 @@ class Parts:
         finished_at = datetime.now(timezone.utc).isoformat()
         records = []
         for row in block.to_pylist():
-            data = row.pop("data")
-            if data is not None:
-                with atomic_write(self.fs, self.file(row["ordinal"])) as f:
-                    f.write(data)
+            for data, path in (
+                (row.pop("data"), self.file(row["ordinal"])),
+                (row.pop("stage1"), self.stage1_file(row["ordinal"])),
+            ):
+                if data is not None:
+                    with atomic_write(self.fs, path) as f:
+                        f.write(data)
             records.append(json.dumps(row | dict(run_id=run_id, finished_at=finished_at)))
         with atomic_write(self.fs, f"{self.root}/records/{uuid.uuid4().hex}.jsonl") as f:
             f.write("\n".join(records).encode())
 
     def file(self, ordinal: int) -> str:
         return f"{self.root}/files/{ordinal}"
+
+    def stage1_file(self, ordinal: int) -> str:
+        return f"{self.root}/files/{ordinal}.stage1.png"
 
     def remove(self) -> None:
         if self.fs.exists(self.root):
@@ -631,28 +644,35 @@ def write_manifest(stem: str, rows: list[dict]) -> list[str]:
     return written
 
 
-def write_contact_sheet(stem: str, pairs: list[tuple[str, bytes, bytes]]) -> list[str]:
-    """<stem>.contact.png (rows of before | after, with the member's path) and .html (a table of
-    the same thumbnails, embedded, so the page stands alone)."""
-    thumbs = [(path, _thumb(before), _thumb(after)) for path, before, after in pairs]
-    width = max(b.shape[1] + a.shape[1] for _, b, a in thumbs) + 30
-    canvas = np.full((len(thumbs) * (THUMB_HEIGHT + 30) + 10, width, 3), 255, np.uint8)
+CONTACT_COLUMNS = ("input", "stage 1", "final")
+
+
+def write_contact_sheet(stem: str, rows: list[tuple[str, bytes, bytes | None, bytes]]) -> list[str]:
+    """<stem>.contact.png (rows of input | stage 1 | final, with the member's path; a gap where the
+    stage-1 image is missing) and .html (a table of the same thumbnails, embedded, so the page
+    stands alone). Stage 1 shows what the restoration module did before the diffusion stage."""
+    thumbs = [(path, [None if image is None else _thumb(image) for image in images]) for path, *images in rows]
+    widths = [max((t[c].shape[1] for _, t in thumbs if t[c] is not None), default=0) for c in range(3)]
+    canvas = np.full((len(thumbs) * (THUMB_HEIGHT + 30) + 40, sum(widths) + 40, 3), 255, np.uint8)
+    xs = [10 + sum(widths[:c]) + 10 * c for c in range(3)]
+    for x, title in zip(xs, CONTACT_COLUMNS):
+        cv2.putText(canvas, title, (x, 25), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
     cells = []
-    for i, (path, before, after) in enumerate(thumbs):
-        y = 10 + i * (THUMB_HEIGHT + 30)
-        canvas[y : y + THUMB_HEIGHT, 10 : 10 + before.shape[1]] = before
-        canvas[y : y + THUMB_HEIGHT, 20 + before.shape[1] : 20 + before.shape[1] + after.shape[1]] = after
+    for i, (path, images) in enumerate(thumbs):
+        y = 40 + i * (THUMB_HEIGHT + 30)
+        for x, thumb in zip(xs, images):
+            if thumb is not None:
+                canvas[y : y + THUMB_HEIGHT, x : x + thumb.shape[1]] = thumb
         cv2.putText(
             canvas, path[-60:], (10, y + THUMB_HEIGHT + 20), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA
         )
-        cells.append(
-            f"<tr><td>{html.escape(path)}</td><td><img src='{_data_uri(before)}'></td>"
-            f"<td><img src='{_data_uri(after)}'></td></tr>"
-        )
+        tds = "".join("<td>–</td>" if t is None else f"<td><img src='{_data_uri(t)}'></td>" for t in images)
+        cells.append(f"<tr><td>{html.escape(path)}</td>{tds}</tr>")
+    heads = "".join(f"<th>{title}</th>" for title in CONTACT_COLUMNS)
     page = (
-        "<!doctype html><meta charset='utf-8'><title>before / after</title>"
+        "<!doctype html><meta charset='utf-8'><title>input / stage 1 / final</title>"
         "<style>body{font-family:sans-serif}td{padding:4px;vertical-align:top}</style>"
-        f"<table><tr><th>member</th><th>before</th><th>after</th></tr>{''.join(cells)}</table>"
+        f"<table><tr><th>member</th>{heads}</tr>{''.join(cells)}</table>"
     )
     fs, base = fsspec.core.url_to_fs(stem)
     for suffix, data in ((".contact.png", encode_image(canvas / 255.0)), (".contact.html", page.encode())):
@@ -701,7 +721,8 @@ def restore_archive(cfg: ArchiveConfig) -> dict:
     todo = [m for m in members if m.reason is None and m.ordinal not in done]
     run_id = uuid.uuid4().hex[:12]
     if todo:
-        _run(cfg, kind, model, todo, parts, run_id)
+        contact = [m.ordinal for m in members if m.reason is None][: cfg.contact_sheet]
+        _run(cfg, kind, model, todo, parts, run_id, contact)
     records = parts.records()
     if missing := [m.name for m in members if m.reason is None and m.ordinal not in records]:
         raise ArchiveError(f"{len(missing)} members got no result (first: {missing[0]}); rerun to resume")
@@ -710,8 +731,8 @@ def restore_archive(cfg: ArchiveConfig) -> dict:
     restored = [(m, parts.file(m.ordinal)) for m, row in zip(members, rows) if row["status"] == "restored"]
     write_output(out_fs, out_path, kind, restored, parts)
     manifest = write_manifest(stem, rows)
-    pairs = list(_contact_pairs(cfg.input, kind, restored[: cfg.contact_sheet], parts))
-    contact = write_contact_sheet(stem, pairs) if pairs else []
+    sheet = list(_contact_rows(cfg.input, kind, restored[: cfg.contact_sheet], parts))
+    contact = write_contact_sheet(stem, sheet) if sheet else []
     if not cfg.keep_parts:
         parts.remove()
     seconds = time.perf_counter() - start
@@ -750,12 +771,14 @@ def check_paths(cfg: ArchiveConfig) -> str:
     return kind
 
 
-def _run(cfg: ArchiveConfig, kind: str, model: dict, todo: list[Member], parts: Parts, run_id: str) -> None:
+def _run(
+    cfg: ArchiveConfig, kind: str, model: dict, todo: list[Member], parts: Parts, run_id: str, contact: list[int]
+) -> None:
     """Restore `todo` on Ray, storing each block of results as it arrives."""
     ensure_ray()
     ds = ray.data.read_datasource(MemberSource(cfg.input, kind, todo, cfg.batch_size), num_cpus=READ_CPUS)
     ds = ds.map_batches(
-        Restorer,
+        ArchiveRestorer,
         fn_constructor_kwargs=dict(
             # the driver's store and cache: the actors' environment was fixed when Ray started
             model_uri=model["uri"],
@@ -763,6 +786,7 @@ def _run(cfg: ArchiveConfig, kind: str, model: dict, todo: list[Member], parts: 
             cache_dir=cfg.cache_dir or os.environ.get(registry.CACHE_ENV),
             options=cfg.options().model_dump(),
             cfg=cfg.model_dump(),
+            contact=contact,
         ),
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
@@ -778,14 +802,17 @@ def _run(cfg: ArchiveConfig, kind: str, model: dict, todo: list[Member], parts: 
             bar.update(block.num_rows)
 
 
-def _contact_pairs(
+def _contact_rows(
     url: str, kind: str, restored: list[tuple[Member, str]], parts: Parts
-) -> Iterator[tuple[str, bytes, bytes]]:
-    """(path, input bytes, output bytes) of `restored`, read again from the archive."""
+) -> Iterator[tuple[str, bytes, bytes | None, bytes]]:
+    """(path, input bytes, stage-1 PNG or None, output bytes) of `restored`, the input read again
+    from the archive."""
     part_of = dict(restored)
     for m, data, _, _ in read_members(url, kind, list(part_of)):
         if data is not None:
-            yield m.path, data, parts.fs.cat_file(part_of[m])
+            stage1 = parts.stage1_file(m.ordinal)
+            stage1 = parts.fs.cat_file(stage1) if parts.fs.exists(stage1) else None
+            yield m.path, data, stage1, parts.fs.cat_file(part_of[m])
 
 
 def main(argv: list[str] | None = None) -> int:

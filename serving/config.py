@@ -3,17 +3,18 @@
     python -m serving.app --config serving/configs/serve.yaml --port 8080 --max-batch-size 4
 
 Values come from the YAML file first, then from the flags (diffbir.config.parse_config); every
-flag is a field. Dict and nested fields take JSON (`--defaults '{"steps": 25}'`).
+flag is a field. Dict and optional nested fields take JSON (`--defaults '{"steps": 25}'`).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from diffbir.config import Dtype
 from diffbir.config import parse_config as _parse_config
 from diffbir.pipeline import RestoreOptions
 
@@ -50,7 +51,7 @@ class ServeConfig(BaseModel):
         60, ge=0, description="seconds between checks of the alias (0: only POST /v1/reload)"
     )
     device: str = Field("auto", description="torch device; auto: cuda when the replica has a GPU, else cpu")
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    dtype: Dtype = "fp32"
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per replica (default: torch's choice)")
     defaults: dict[str, Any] = Field(default_factory=dict, description="RestoreOptions a request does not set (JSON)")
 

@@ -91,7 +91,7 @@ def restore_options(fields: Mapping[str, str], defaults: Mapping, max_steps: int
 
 def _field(error: dict) -> str:
     """The field a pydantic error is about; a cross-field check (no location) is about the
-    fields its message names (the sampler, tile_size/tile_stride)."""
+    fields its message names (tile_size/tile_stride)."""
     if error["loc"]:
         return ".".join(map(str, error["loc"]))
     return ",".join(f for f in RestoreOptions.model_fields if f in error["msg"]) or "options"

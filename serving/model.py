@@ -1,16 +1,15 @@
-"""The model a replica serves, and how one batch of requests is restored with it."""
+"""The model a replica serves, and what one request of a batch brings it."""
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from diffbir.pipeline import RestorationPipeline, RestoreOptions, canvas_size
+from diffbir.pipeline import RestorationPipeline, RestoreOptions
 from serving.config import ServeConfig
 from training import registry
 
@@ -41,33 +40,7 @@ def load_served_model(cfg: ServeConfig, info: dict) -> ServedModel:
 @dataclass(frozen=True)
 class Job:
     image: np.ndarray  # RGB float32 (H, W, 3) in [0, 1]
-    options: RestoreOptions  # its seed is the image's own
-
-
-def group_key(job: Job) -> tuple:
-    """Jobs restored in one pipeline call: the same options but the seed, and the same canvas,
-    so a result never depends on which requests shared its batch."""
-    return job.options.model_dump_json(exclude={"seed"}), canvas_size(
-        job.image.shape[0], job.image.shape[1], job.options
-    )
-
-
-def restore_jobs(pipeline: RestorationPipeline, jobs: Sequence[Job]) -> list[np.ndarray | Exception]:
-    """One result per job, in order: the restored image, or the exception that failed its group
-    (a failing group leaves the other groups of the batch untouched)."""
-    groups: dict[tuple, list[int]] = {}
-    for i, job in enumerate(jobs):
-        groups.setdefault(group_key(job), []).append(i)
-    results: list[np.ndarray | Exception] = [None] * len(jobs)  # type: ignore[list-item]
-    for members in groups.values():
-        opts = jobs[members[0]].options
-        try:
-            images = pipeline([jobs[i].image for i in members], opts, [jobs[i].options.seed for i in members])
-        except Exception as e:  # noqa: BLE001 -- answered to this group's requests as a 500
-            images = [e] * len(members)
-        for i, image in zip(members, images):
-            results[i] = image
-    return results
+    options: RestoreOptions  # its seed is the image's own (RestorationPipeline.restore_grouped)
 
 
 @dataclass

@@ -3,13 +3,20 @@ its tiny weights, a real MLflow store, and helpers the test modules share."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import io
 import json
 import os
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
+from skimage import data
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "tests" / "golden" / "manifests"
@@ -85,6 +92,35 @@ def assert_close_golden(
         f"{name}: max |diff| {err.max().item():.3e} exceeds tolerance (worst diff/bound {worst:.3f}, "
         f"max|golden| {golden.abs().max().item():.3e})"
     )
+
+
+# Real photos (scikit-image's bundled set), upscaled to a short side of at least 512 where smaller:
+# the quality filter and dedup measure them and variants made from them.
+def at_least_512(img: np.ndarray, side: int = 512) -> np.ndarray:
+    import cv2
+
+    h, w = img.shape[:2]
+    f = side / min(h, w)
+    return img if f <= 1 else cv2.resize(img, (round(w * f), round(h * f)), interpolation=cv2.INTER_CUBIC)
+
+
+PHOTOS = {
+    name: at_least_512(load())
+    for name, load in {
+        "astronaut": data.astronaut,
+        "chelsea": data.chelsea,
+        "coffee": data.coffee,
+        "rocket": data.rocket,
+        "motorcycle_left": lambda: data.stereo_motorcycle()[0],
+    }.items()
+}
+
+
+def encode(img: np.ndarray, fmt: str = "PNG", **kwargs) -> bytes:
+    """uint8 RGB -> image file bytes (PIL: PNG, or fmt with its save options, e.g. quality)."""
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, fmt, **kwargs)
+    return buf.getvalue()
 
 
 # Serving tests: the bearer token, and tiny work per request (64-pixel canvases, 2 steps).
@@ -184,6 +220,21 @@ def new_run() -> str:
     run = client.create_run(registry.experiment_id("diffbir-tests"))
     client.set_terminated(run.info.run_id)
     return run.info.run_id
+
+
+@functools.cache
+def script_module(path: str):
+    """A script of the repository that is in no package (infra/demo.py, benchmarks/*.py), as a module."""
+    spec = importlib.util.spec_from_file_location(path.removesuffix(".py").replace("/", "."), ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # pydantic resolves the annotations of its configs there
+    spec.loader.exec_module(module)
+    return module
+
+
+def infra_demo():
+    """infra/demo.py, `make demo`'s script."""
+    return script_module("infra/demo.py")
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,11 @@ model, hostile archives built with tarfile/zipfile, and a run interrupted part-w
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
+import re
 import struct
 import tarfile
 import zipfile
@@ -19,7 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 from skimage import data
 
-from diffbir.config import load_config
+from diffbir.image_io import decode_image, encode_image
+from diffbir.pipeline import RestorationPipeline
 from serving import archive
 from serving.archive import (
     ArchiveConfig,
@@ -138,11 +141,6 @@ def test_safe_path(name, expected):
 def test_seeds_depend_on_the_path_only():
     assert seed_for("a/b.png", 1) == seed_for("a/b.png", 1) != seed_for("a/c.png", 1)
     assert seed_for("a/b.png", 2) == (seed_for("a/b.png", 1) + 1) % 2**32
-
-
-def test_the_yaml_states_the_defaults():
-    paths = dict(input="in.tar", output="out.tar")
-    assert load_config(ArchiveConfig, ARCHIVE_YAML, **paths) == ArchiveConfig(**paths)
 
 
 def test_zip_bombs_are_refused_from_declared_sizes(tmp_path):
@@ -295,14 +293,28 @@ def test_tar_gz_to_tar_gz(fresh_tar_gz, model_dir):
         k: summary[k] for k in ("members", "restored", "skipped", "failed", "resumed", "restored_this_run")
     } == dict(members=3, restored=3, skipped=0, failed=0, resumed=0, restored_this_run=3)
     assert summary["images_per_s"] > 0
-    # beside the output: manifest and contact sheet of the first 2 pairs; the parts are gone
+    # beside the output: manifest and contact sheet of the first 2 members; the parts are gone
     assert files_under(out.parent) == {f"restored{s}" for s in (".tar.gz", *BESIDE)}
     sheet = decoded((out.parent / "restored.contact.png").read_bytes())
-    assert sheet.shape[0] == 10 + 2 * (archive.THUMB_HEIGHT + 30)
+    assert sheet.shape[0] == 40 + 2 * (archive.THUMB_HEIGHT + 30)
     page = (out.parent / "restored.contact.html").read_text()
-    assert (
-        page.count("<img src='data:image/png;base64,") == 4 and "album/astronaut.png" in page and "chelsea" not in page
-    )
+    assert "album/astronaut.png" in page and "coffee.jpg" in page and "chelsea" not in page
+    uris = re.findall(r"<img src='data:image/png;base64,([^']+)'>", page)
+    assert len(uris) == 6  # input | stage 1 | final per member
+    # the stage-1 column is what the pipeline's stage 1 made of the input, with the member's seed and options
+    pipe = RestorationPipeline.from_pretrained(str(model_dir), "cpu", "fp32")
+    for row, name in enumerate(("album/astronaut.png", "coffee.jpg")):
+        image, _ = decode_image(photo_bytes(name))
+        opts = (
+            ArchiveConfig(input="x", output="y", model="m", **FAST)
+            .options()
+            .model_copy(update={"seed": seed_for(name, 231)})
+        )
+        expected = archive._thumb(encode_image(pipe.stage1_image(image, opts)))
+        shown = decoded(base64.b64decode(uris[3 * row + 1]))[..., ::-1]  # BGR -> RGB
+        assert np.abs(shown.astype(int) - expected).max() <= 1, name
+        final = decoded(base64.b64decode(uris[3 * row + 2]))[..., ::-1]
+        assert np.abs(final.astype(int) - expected).mean() > 2  # a column of its own, not the final image
 
 
 def test_hostile_tar(tmp_path, model_dir):

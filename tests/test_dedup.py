@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from itertools import combinations
@@ -11,38 +10,15 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 from pydantic import ValidationError
 from skimage import data
 
+from diffbir.image_io import decode_image
 from pipelines import dedup as dd
-from pipelines.quality import QualityConfig, decode, filter_quality
+from pipelines.quality import QualityConfig, filter_quality
 from pipelines.shards import ShardConfig, write_shards, write_tar
 
-
-def at_least_512(img: np.ndarray, side: int = 512) -> np.ndarray:
-    h, w = img.shape[:2]
-    f = side / min(h, w)
-    return img if f <= 1 else cv2.resize(img, (round(w * f), round(h * f)), interpolation=cv2.INTER_CUBIC)
-
-
-PHOTOS = {
-    name: at_least_512(load())
-    for name, load in {
-        "astronaut": data.astronaut,
-        "chelsea": data.chelsea,
-        "coffee": data.coffee,
-        "rocket": data.rocket,
-        "motorcycle_left": lambda: data.stereo_motorcycle()[0],
-    }.items()
-}
-
-
-def encode(img: np.ndarray, fmt: str = "PNG", **kwargs) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, fmt, **kwargs)
-    return buf.getvalue()
-
+from conftest import PHOTOS, at_least_512, encode
 
 # ------------------------------------------------------------------ pHash
 
@@ -51,9 +27,10 @@ def encode(img: np.ndarray, fmt: str = "PNG", **kwargs) -> bytes:
 def test_phash_stable_under_resize_and_recompression(name):
     img = PHOTOS[name]
     h, w = img.shape[:2]
-    assert dd.phash(img) == dd.phash(img.copy()) == dd.phash(decode(encode(img)).pixels)
+    assert dd.phash(img) == dd.phash(img.copy()) == dd.phash(decode_image(encode(img), dtype=np.uint8)[0])
     half = cv2.resize(img, (w // 2, h // 2), interpolation=cv2.INTER_AREA)
-    for copy in (half, decode(encode(img, "JPEG", quality=50)).pixels, decode(encode(half, "JPEG", quality=40)).pixels):
+    jpegs = [decode_image(encode(im, "JPEG", quality=q), dtype=np.uint8)[0] for im, q in ((img, 50), (half, 40))]
+    for copy in (half, *jpegs):
         assert dd.hamming(dd.phash(copy), dd.phash(img)) <= 4
 
 

@@ -127,21 +127,33 @@ def find_class(path: Path, name: str) -> tuple[Path, ast.ClassDef] | None:
     return find_class(source, name) if source else None
 
 
-def class_fields(path: Path, name: str) -> set[str]:
-    """Annotated fields of a (pydantic) class and of its bases defined in this repository."""
+def class_fields(path: Path, name: str) -> dict[str, tuple[Path, ast.expr]]:
+    """Annotated fields of a (pydantic) class and of its bases defined in this repository:
+    name -> (the module that annotates it, the annotation)."""
     found = find_class(path, name)
     if not found:
-        return set()
+        return {}
     where, cls = found
-    fields = {
-        n.target.id
-        for n in cls.body
-        if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and not n.target.id.startswith("_")
-    }
+    fields = {}
     for base in cls.bases:
         if isinstance(base, ast.Name):
             fields |= class_fields(where, base.id)
+    for n in cls.body:
+        if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and not n.target.id.startswith("_"):
+            fields[n.target.id] = (where, n.annotation)
     return fields
+
+
+def config_flags(fields: dict[str, tuple[Path, ast.expr]], prefix: str = "") -> set[str]:
+    """`--field` and `--no-field` for each field, and `--section.field` for each field of a nested
+    section (a field annotated with a class of this repository), as diffbir.config builds them."""
+    flags = set()
+    for field, (where, annotation) in fields.items():
+        name = prefix + field.replace("_", "-")
+        flags |= {f"--{name}", f"--no-{name}"}
+        if isinstance(annotation, ast.Name) and find_class(where, annotation.id):
+            flags |= config_flags(class_fields(where, annotation.id), name + ".")
+    return flags
 
 
 def _literal_flags(tree: ast.Module) -> set[str]:
@@ -183,9 +195,7 @@ def flags_of(path: Path) -> set[str]:
             flags |= _literal_flags(parse(helper))
             classes += [(helper, c) for c in _model_fields_classes(parse(helper))]
     for where, cls in classes:
-        flags.add("--config")
-        for field in class_fields(where, cls):
-            flags |= {"--" + field.replace("_", "-"), "--no-" + field.replace("_", "-")}
+        flags |= {"--config", *config_flags(class_fields(where, cls))}
     return flags
 
 
@@ -566,8 +576,8 @@ def test_dockerfiles():
         text.index("--no-deps -e ."),
     ]
     assert steps == sorted(steps)
-    constraints = (ROOT / "requirements" / "constraints.txt").read_text()
-    assert "torch==2.14.1" in constraints and "torchvision==0.29.1" in constraints
+    constraints = ROOT / "requirements" / "constraints.txt"
+    assert pinned("torch", constraints) and pinned("torchvision", constraints)  # the pair, exactly
     assert image_workdir() == "/home/ray/diffbir"
 
 
@@ -675,6 +685,8 @@ def test_check_command_catches_bad_references():
     assert check_command("python training/train_gm.py --config training/configs/gm_multinode.yaml --num-wrokers 32")
     assert check_command("python -m pipelines.filter_laoin --output s3://b/out")
     assert check_command("python -m pipelines.filter_laion --ouptut s3://b/out")
+    assert check_command("python -m pipelines.filter_laion --prefilter.min-side 256 --no-prefilter.dedup-urls") == []
+    assert check_command("python -m pipelines.filter_laion --prefilter.min-sides 256")
     assert check_command(f"python {image_workdir()}/training/train_nope.py")
     assert check_make_targets("make setup && make filter-laion") == []
     assert check_make_targets("make deploy-everything")
@@ -712,14 +724,15 @@ def test_check_k8s_catches_bad_manifests():
     assert mutate(
         "RayCluster",
         lambda d: d["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].update(
-            image="ghcr.io/your-org/diffbir-platform:0.0.9"
+            image=f"ghcr.io/your-org/diffbir-platform:{pyproject_version()}.dev0"  # not this version
         ),
     )
     assert mutate(
         "RayCluster", lambda d: d["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0].pop("resources")
     )
     assert mutate("RayCluster", lambda d: d.update(apiVersion="ray.io/v1alpha1"))
-    assert mutate("RayCluster", lambda d: d["spec"].update(rayVersion="2.9.0"))
+    ray_version = pinned("ray", ROOT / "requirements" / "data.txt")
+    assert mutate("RayCluster", lambda d: d["spec"].update(rayVersion=ray_version + ".dev0"))
     assert mutate("RayCluster", lambda d: d["spec"].pop("headGroupSpec"))
     assert mutate(
         "RayCluster",

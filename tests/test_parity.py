@@ -101,8 +101,7 @@ def test_convert_roundtrip_gives_identical_outputs(golden, golden_weights, tiny_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     bf16 = tmp_path / "bf16"
     assert (
-        cli_main(["convert", *map(str, files), "-o", str(bf16), "--num-head-channels", heads, "--dtype", "bfloat16"])
-        == 0
+        cli_main(["convert", *map(str, files), "-o", str(bf16), "--num-head-channels", heads, "--dtype", "bf16"]) == 0
     )
     assert load_model(bf16).parts["unet"].module.conv_in.weight.dtype == torch.bfloat16
 

@@ -47,6 +47,69 @@ def test_batches_are_independent_of_their_mates_and_deterministic(pipe):
     assert not np.array_equal(alone, pipe([a], opts, seeds=[9])[0])
 
 
+def test_restore_grouped_matches_each_image_alone_in_input_order(pipe):
+    images = [
+        data.astronaut()[:64, :64].astype(np.float32) / 255,
+        data.chelsea()[:40, :96].astype(np.float32) / 255,  # another canvas (64x192)
+        data.coffee()[:64, :64].astype(np.float32) / 255,
+    ]
+    options = [RestoreOptions(task="denoise", sampler="euler_ancestral", seed=seed, **FAST) for seed in (1, 2, 3)]
+    assert pipe.canvas_groups(images, options) == [[0, 2], [1]]
+    together = pipe.restore_grouped(images, options)
+    for image, opts, out in zip(images, options, together):
+        alone = pipe([image], opts, [opts.seed])[0]
+        assert out.shape == alone.shape and np.abs(out - alone).max() < 1e-4  # batched-kernel float noise at most
+
+
+class RecordingPipeline(RestorationPipeline):
+    """A RestorationPipeline without models: records each call, returns images filled with their seed."""
+
+    def __init__(self, fail_task: str | None = None):
+        self.calls: list[tuple[list[tuple], RestoreOptions, list[int]]] = []
+        self.fail_task = fail_task
+
+    def __call__(self, images, opts, seeds):
+        self.calls.append(([im.shape for im in images], opts, list(seeds)))
+        if opts.task == self.fail_task:
+            raise RuntimeError("out of memory")
+        return [np.full(im.shape, seed, np.float32) for im, seed in zip(images, seeds)]
+
+
+def restore_recorded(pipe: RecordingPipeline, jobs: list[tuple[int, int, dict]]) -> list[np.ndarray | Exception]:
+    """restore_grouped of zero images (h, w) with these options."""
+    images = [np.zeros((h, w, 3), np.float32) for h, w, _ in jobs]
+    return pipe.restore_grouped(images, [RestoreOptions(**FAST | opts) for _, _, opts in jobs])
+
+
+def test_restore_grouped_groups_by_options_and_canvas():
+    pipe = RecordingPipeline()
+    results = restore_recorded(
+        pipe,
+        [
+            (100, 100, dict(seed=1, task="denoise")),
+            (64, 64, dict(seed=2, task="sr", upscale=2)),
+            (128, 120, dict(seed=3, task="denoise")),  # other size, same 128x128 canvas as image 0
+            (100, 100, dict(seed=4, task="denoise", guidance_scale=0.5)),  # other options
+            (64, 100, dict(seed=5, task="denoise")),  # other canvas (64x128)
+            (64, 64, dict(seed=6, task="sr", upscale=2)),
+        ],
+    )
+    assert [r[0, 0, 0] for r in results] == [1, 2, 3, 4, 5, 6]  # each image gets its own result, in order
+    groups = sorted((seeds, opts.task, opts.guidance_scale) for _, opts, seeds in pipe.calls)
+    assert groups == [([1, 3], "denoise", 0.0), ([2, 6], "sr", 0.0), ([4], "denoise", 0.5), ([5], "denoise", 0.0)]
+
+
+def test_a_failing_group_leaves_the_others():
+    jobs = [
+        (64, 64, dict(seed=1, task="denoise")),
+        (64, 64, dict(seed=2, task="face")),
+        (64, 64, dict(seed=3, task="face")),
+    ]
+    results = restore_recorded(RecordingPipeline(fail_task="face"), jobs)
+    assert results[0][0, 0, 0] == 1
+    assert all(isinstance(r, RuntimeError) for r in results[1:])
+
+
 @pytest.mark.parametrize("space", ["rgb", "latent"])
 def test_guidance_and_tiling_run_together(pipe, space):
     img = data.coffee()[:64, :160].astype(np.float32) / 255

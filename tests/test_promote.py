@@ -13,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 from skimage import data
 
-from diffbir.config import build_parser, load_config
+from diffbir.config import build_parser
 from training import registry
 from training.promote import PromoteConfig, main, promote
 
@@ -178,8 +178,6 @@ def test_errors_exit_nonzero(mlflow_store, heldout, tmp_path, capsys, flags, mes
     assert message in capsys.readouterr().err
 
 
-def test_shipped_config_and_flags_cover_every_field():
-    cfg = load_config(PromoteConfig, ROOT / "training/configs/promote.yaml")
-    assert cfg.alias == "champion" and cfg.candidate is None
+def test_every_field_is_a_flag():
     flags = {a.dest for a in build_parser(PromoteConfig)._actions} - {"help", "config"}
     assert flags == set(PromoteConfig.model_fields)

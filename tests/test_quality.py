@@ -15,41 +15,17 @@ from PIL import Image
 from pydantic import ValidationError
 from skimage import data
 
+from diffbir.image_io import decode_image
 from pipelines import quality as q
 from pipelines.shards import write_tar
 
+from conftest import PHOTOS, encode
 
-def at_least_512(img: np.ndarray) -> np.ndarray:
-    """Bicubic upscale to a 512 short side only where needed (chelsea 1.7×, coffee 1.28×, rocket
-    1.2×, motorcycle 1.02×; astronaut is 512). Upscaling lowers the normalised sharpness
-    (chelsea: Laplacian variance 400 at its native 300 px, 63 at 512) and the high-frequency
-    share (0.03 for chelsea): these photos are the low end of what the defaults let through."""
-    h, w = img.shape[:2]
-    f = 512 / min(h, w)
-    return img if f <= 1 else cv2.resize(img, (round(w * f), round(h * f)), interpolation=cv2.INTER_CUBIC)
-
-
-PHOTOS = {
-    name: at_least_512(load())
-    for name, load in {
-        "astronaut": data.astronaut,
-        "chelsea": data.chelsea,
-        "coffee": data.coffee,
-        "rocket": data.rocket,
-        "motorcycle_left": lambda: data.stereo_motorcycle()[0],
-    }.items()
-}
 ASTRONAUT = PHOTOS["astronaut"]
 
 
-def encode(img: np.ndarray, fmt: str = "PNG", **kwargs) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, fmt, **kwargs)
-    return buf.getvalue()
-
-
 def decoded(img_bytes: bytes) -> np.ndarray:
-    return q.decode(img_bytes).pixels
+    return decode_image(img_bytes, dtype=np.uint8)[0]
 
 
 def noisy(img: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
@@ -100,9 +76,9 @@ def test_degraded_variants_rejected_for_the_right_reason(photo, variant):
 @pytest.mark.parametrize("quality", [30, 50, 75, 90])
 def test_jpeg_quality_recovered_from_tables(quality):
     for img in (ASTRONAUT, PHOTOS["coffee"]):
-        estimate = q.jpeg_quality(q.decode(encode(img, "JPEG", quality=quality)).quantization)
+        estimate = q.jpeg_quality(decode_image(encode(img, "JPEG", quality=quality))[1].quantization)
         assert abs(estimate - quality) <= 5
-    assert q.decode(encode(ASTRONAUT)).quantization is None and q.jpeg_quality(None) is None
+    assert decode_image(encode(ASTRONAUT))[1].quantization is None and q.jpeg_quality(None) is None
 
 
 def test_sharpness_is_size_normalised_and_falls_with_blur():
@@ -249,7 +225,7 @@ def test_learned_iqa_batches_through_the_stage_body(tiny_weights):
         }
         for k, b in [("a", encode(ASTRONAUT)), ("b", b"junk"), ("c", encode(PHOTOS["coffee"]))]
     ]
-    out = scorer(pa.Table.from_pylist(rows, schema=q.READ_SCHEMA)).to_pylist()
+    out = scorer(pa.Table.from_pylist(rows, schema=q.DOWNLOADED_SAMPLE_SCHEMA)).to_pylist()
     assert [r["passed"] for r in out] == [True, False, True] and out[1]["learned_iqa"] is None
     assert out[2]["learned_iqa"] == pytest.approx(PHOTOS["coffee"].mean() / 255, abs=0.02)
 

@@ -1,5 +1,5 @@
 """serving/: the Ray Serve restoration API over real HTTP on 127.0.0.1, on a real local Ray, with
-two tiny model versions in a real MLflow store; plus its pure parts (negotiation, grouping, config)."""
+two tiny model versions in a real MLflow store; plus its pure parts (negotiation, config)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ from pipelines.ray_env import ensure_ray, free_port
 from serving.app import build_app, run
 from serving.config import TOKEN_ENV, ServeConfig, parse_config
 from serving.limits import ApiError, negotiate
-from serving.model import Job, restore_jobs
 from training import registry
 
 from conftest import DEFAULTS, TOKEN, new_run, save_tiny
@@ -102,50 +101,7 @@ def test_negotiate_refuses(accept):
     assert e.value.status == 406 and "image/png" in e.value.message
 
 
-class RecordingPipeline:
-    """Stands in for RestorationPipeline: records each call, returns images tagged by seed."""
-
-    def __init__(self, fail_task: str | None = None):
-        self.calls: list[tuple[list[tuple], RestoreOptions, list[int]]] = []
-        self.fail_task = fail_task
-
-    def __call__(self, images, opts, seeds):
-        self.calls.append(([im.shape for im in images], opts, list(seeds)))
-        if opts.task == self.fail_task:
-            raise RuntimeError("out of memory")
-        return [np.full(im.shape, seed, np.float32) for im, seed in zip(images, seeds)]
-
-
-def job(h: int, w: int, seed: int, **options) -> Job:
-    return Job(np.zeros((h, w, 3), np.float32), RestoreOptions(**DEFAULTS | options, seed=seed))
-
-
-def test_restore_jobs_groups_by_options_and_canvas():
-    jobs = [
-        job(100, 100, 1, task="denoise"),
-        job(64, 64, 2, task="sr", upscale=2),
-        job(128, 120, 3, task="denoise"),  # other size, same 128x128 canvas as job 0
-        job(100, 100, 4, task="denoise", guidance_scale=0.5),  # other options
-        job(64, 100, 5, task="denoise"),  # other canvas (64x128)
-        job(64, 64, 6, task="sr", upscale=2),
-    ]
-    pipe = RecordingPipeline()
-    results = restore_jobs(pipe, jobs)
-    assert [r[0, 0, 0] for r in results] == [1, 2, 3, 4, 5, 6]  # each job gets its own result, in order
-    groups = sorted((seeds, opts.task, opts.guidance_scale) for _, opts, seeds in pipe.calls)
-    assert groups == [([1, 3], "denoise", 0.0), ([2, 6], "sr", 0.0), ([4], "denoise", 0.5), ([5], "denoise", 0.0)]
-
-
-def test_a_failing_group_leaves_the_others():
-    jobs = [job(64, 64, 1, task="denoise"), job(64, 64, 2, task="face"), job(64, 64, 3, task="face")]
-    results = restore_jobs(RecordingPipeline(fail_task="face"), jobs)
-    assert results[0][0, 0, 0] == 1
-    assert all(isinstance(r, RuntimeError) for r in results[1:])
-
-
 def test_yaml_configs_and_flags(monkeypatch):
-    cfg = parse_config(["--config", str(ROOT / "serving/configs/serve.yaml")])
-    assert cfg == ServeConfig()  # the YAML states the defaults
     fields = {a.dest for a in build_parser(ServeConfig)._actions} - {"help", "config"}
     assert fields == set(ServeConfig.model_fields)  # every field has a flag
     cfg = parse_config(

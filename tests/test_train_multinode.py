@@ -60,7 +60,7 @@ def test_two_ranks_on_two_nodes(two_nodes, tmp_path):
         data=str(tmp_path / "data/train"),
         val_data=str(tmp_path / "data/val"),
         storage=f"file://{tmp_path}/runs",
-        mlflow_dir=str(tmp_path / "mlflow"),
+        tracking_dir=str(tmp_path / "mlflow"),
         num_workers=2,
         cpus_per_worker=0.5,
         placement_strategy="SPREAD",

@@ -70,7 +70,7 @@ def tiny(cls, yaml: str, root: Path, **overrides):
         data=str(root / "data/train"),
         val_data=str(root / "data/val"),
         storage=str(root / "runs"),
-        mlflow_dir=str(root / "mlflow"),
+        tracking_dir=str(root / "mlflow"),
         **overrides,
     )
 

@@ -3,7 +3,8 @@
     python training/train_rm.py --config training/configs/rm_tiny.yaml --steps 200 --lr 2e-4
 
 Values come from the YAML file first, then from the flags (diffbir.config.parse_config). Flags of
-list fields take several values, dict and nested fields JSON (`--lr-drops '{"50000": 1e-5}'`).
+list fields take several values, dict fields JSON (`--lr-drops '{"50000": 1e-5}'`), nested sections
+JSON or one flag per field (`--diffusion.parameterization v`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipelines.feed import FeedConfig, Location
+from diffbir.config import Dtype
+from pipelines.config import Location
+from pipelines.feed import FeedConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +29,7 @@ class TrainConfig(FeedConfig):
         "runs/train", description="checkpoint storage: local directory or fsspec URL (shared by all nodes)"
     )
     experiment: str = Field("diffbir", description="MLflow experiment")
-    mlflow_dir: Location = Field(
+    tracking_dir: Location = Field(
         "runs/mlflow", description="local MLflow store (sqlite + artifacts); MLFLOW_TRACKING_URI wins when set"
     )
     register_as: str | None = Field(
@@ -43,9 +46,7 @@ class TrainConfig(FeedConfig):
     warmup_steps: int = Field(0, ge=0, description="linear warm-up from 0 to lr")
     grad_clip: float | None = Field(None, gt=0, description="clip the global gradient norm to this")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage")
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "bf16", description="training precision (CPU: fp32 or bf16; ZeRO 3 on CPU: fp32)"
-    )
+    precision: Dtype = Field("bf16", description="training precision (CPU: fp32 or bf16; ZeRO 3 on CPU: fp32)")
     deepspeed_config: Location = Field(
         str(ROOT / "training/configs/ds_zero2.json"),
         description="base DeepSpeed JSON; the fields above override its batch, lr, clipping, ZeRO stage and precision",

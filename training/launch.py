@@ -50,7 +50,7 @@ def train(cfg: TrainConfig, task: str, callbacks: list | None = None):
     """Run (or resume) `cfg` with the task class at `task` ("module:Class"); returns Ray
     Train's Result. `callbacks`: Ray Train UserCallbacks (run on the controller)."""
     ensure_ray(include_dashboard=True)
-    tracking_uri = registry.configure(cfg.mlflow_dir)
+    tracking_uri = registry.configure(cfg.tracking_dir)
     ds_config = deepspeed_config(cfg)
     run_id = mlflow_run(cfg, ds_config)
     if "://" in cfg.storage:

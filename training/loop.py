@@ -35,6 +35,7 @@ from torchvision.utils import make_grid
 
 from diffbir.checkpoints.platform import save_model_dir
 from diffbir.config import DiffusionConfig
+from diffbir.pipeline import DTYPES
 from pipelines.feed import rank_batches, validation_batch
 from training.config import TrainConfig
 
@@ -185,8 +186,8 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 def autocast(precision: str, device: torch.device):
     """Mixed precision for the tasks' forward passes: DeepSpeed casts the trained module to
     bf16/fp16, autocast casts what meets it (fp32 frozen parts, masks built on the fly)."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    dtype = DTYPES[precision]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -8,9 +8,10 @@ name order. Each image is centre-cropped to whole 64-pixel SwinIR windows and de
 training degradation model (pipelines.degradations; DiffBIR's first-order model by default)
 with a seed fixed per image, so every run sees the same LQ images. The model's stage 1 (the
 SwinIR restoration module) restores them, or with `sampling_steps` > 0 the whole diffusion
-pipeline (a short sampling run), and PSNR and SSIM (RGB, scikit-image) are taken against the
-HQ images. Candidate and champion are scored in the same run on the same inputs,
-so scores from other held-out sets never decide.
+pipeline (a short sampling run), and PSNR and SSIM are taken against the HQ images in
+diffbir.metrics' platform convention (RGB, no border crop, 8-bit: the one training validation logs).
+Candidate and champion are scored in the same run on the same inputs, so scores from other held-out
+sets never decide.
 
 Only the alias moves: no version is deleted. Both versions get a `promotion.<time>.v<c>_vs_v<p>`
 tag holding the comparison (scores, margins, decision) as JSON. Exit status 0 when it ran
@@ -23,6 +24,7 @@ import json
 import os
 import sys
 import tarfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -33,22 +35,20 @@ import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict, Field
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch import nn
 
 from diffbir.checkpoints.loading import load_model
 from diffbir.checkpoints.platform import read_manifest
-from diffbir.config import build_parser, load_config
-from diffbir.image_io import decode_image
+from diffbir.config import parse_config
+from diffbir.image_io import READABLE_SUFFIXES, decode_image
+from diffbir.metrics import image_metrics
 from diffbir.pipeline import RestorationPipeline, RestoreOptions
 from diffbir.sampling.tiling import tiled_stage1
-from pipelines.degradations import DegradationConfig, degrade
-from pipelines.degradations import load_config as load_degradation
+from pipelines.degradations import DegradationConfig, degrade, load_degradation
 from training import registry
 
 WINDOW = 64  # DiffBIR SwinIR needs sides in multiples of sf * window_size = 8 * 8
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
-Restorer = Callable[[np.ndarray, int], np.ndarray]  # (LQ image, its index in the set) -> restored image
+RestoreFn = Callable[[np.ndarray, int], np.ndarray]  # (LQ image, its index in the set) -> restored image
 
 
 class PromoteConfig(BaseModel):
@@ -151,22 +151,22 @@ def decide(scores: dict[str, Scores], champion: str | None, cfg: PromoteConfig) 
 
 
 def evaluate(
-    restorers: dict[str, Restorer], files: list[Path], degradation: DegradationConfig, cfg: PromoteConfig
+    restorers: dict[str, RestoreFn], files: list[Path], degradation: DegradationConfig, cfg: PromoteConfig
 ) -> tuple[dict[str, Scores], int]:
     """Mean PSNR/SSIM of each model's restoration, and of the degraded input itself, over the set."""
-    sums = {role: np.zeros(2) for role in ("input", *restorers)}
+    sums = {role: Counter() for role in ("input", *restorers)}  # metric -> sum over the images
     count = 0
     for count, hq in enumerate(islice(heldout_images(files), cfg.max_images), 1):
         hq = center_crop(hq, cfg.crop_size)
         lq, _ = degrade(hq, np.random.default_rng([cfg.seed, count]), degradation)
         if lq.shape != hq.shape:
             raise PromotionError(f"degradation {cfg.degradation} must give LQ images at the HQ size (resize back)")
-        sums["input"] += _score(hq, lq)
+        sums["input"].update(image_metrics(lq, hq))
         for role, restorer in restorers.items():
-            sums[role] += _score(hq, restorer(lq, count))
+            sums[role].update(image_metrics(restorer(lq, count), hq))
     if count == 0:
         raise PromotionError(f"held-out set {cfg.heldout} holds no images (image files or WebDataset .tar shards)")
-    return {role: Scores(*(s / count)) for role, s in sums.items()}, count
+    return {role: Scores(**{k: v / count for k, v in s.items()}) for role, s in sums.items()}, count
 
 
 def _heldout_files(path: str) -> list[Path]:
@@ -181,10 +181,10 @@ def heldout_images(files: list[Path]) -> Iterator[np.ndarray]:
     for f in files:
         if f.suffix == ".tar":
             with tarfile.open(f) as tar:
-                images = [m for m in tar if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTS]
+                images = [m for m in tar if m.isfile() and Path(m.name).suffix.lower() in READABLE_SUFFIXES]
                 for m in sorted(images, key=lambda m: m.name):
                     yield decode_image(tar.extractfile(m).read(), f"{f}:{m.name}")[0]
-        elif f.suffix.lower() in IMAGE_EXTS:
+        elif f.suffix.lower() in READABLE_SUFFIXES:
             yield decode_image(f.read_bytes(), str(f))[0]
 
 
@@ -204,16 +204,7 @@ def restore_stage1(net: nn.Module, lq: np.ndarray, cfg: PromoteConfig) -> np.nda
     return y.clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy()
 
 
-def _score(hq: np.ndarray, out: np.ndarray) -> np.ndarray:
-    return np.array(
-        [
-            peak_signal_noise_ratio(hq, out, data_range=1.0),
-            structural_similarity(hq, out, channel_axis=2, data_range=1.0),
-        ]
-    )
-
-
-def _restorer(model_dir: Path, cfg: PromoteConfig) -> Restorer:
+def _restorer(model_dir: Path, cfg: PromoteConfig) -> RestoreFn:
     if cfg.sampling_steps:
         pipe = RestorationPipeline(load_model(model_dir), cfg.device)
         # denoise: restore at the input size; min_side 64: no working upscale of the crops
@@ -253,9 +244,8 @@ def format_summary(p: Promotion) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep the summary readable
-    args = vars(build_parser(PromoteConfig, __doc__.split("\n\n")[0], prog="promote").parse_args(argv))
     try:
-        result = promote(load_config(PromoteConfig, args.pop("config"), **args))
+        result = promote(parse_config(PromoteConfig, argv, __doc__.split("\n\n")[0], prog="promote"))
     # ValueError also covers bad configs (pydantic), unreadable images and checkpoints
     except (PromotionError, registry.RegistryError, MlflowException, OSError, ValueError) as e:
         print(f"promote: error: {e}", file=sys.stderr)

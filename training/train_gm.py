@@ -18,7 +18,7 @@ URLs); here with the RM that rm_tiny.yaml trained as stage 1:
         python training/train_gm.py --config training/configs/gm_tiny.yaml \\
         --data $PWD/runs/data/example/train --val-data $PWD/runs/data/example/val \\
         --base-weights $PWD/runs/tiny/sd21_tiny.safetensors \\
-        --stage1-weights $PWD/runs/train/rm-tiny/model --storage $PWD/runs/train --mlflow-dir $PWD/runs/mlflow
+        --stage1-weights $PWD/runs/train/rm-tiny/model --storage $PWD/runs/train --tracking-dir $PWD/runs/mlflow
 
 The frozen parts stay in fp32 outside DeepSpeed; with bf16/fp16 everything runs under autocast.
 The tiny reference weights have no text tower: gm_tiny.yaml sets `text_encoder` to build a
@@ -40,15 +40,16 @@ from torch import nn
 
 from diffbir.checkpoints.loading import load_model
 from diffbir.config import DiffusionConfig
+from diffbir.metrics import batch_metrics
 from diffbir.models.cldm import ControlLDM
 from diffbir.models.text_encoder import OpenCLIPTextEncoder, TextEncoderConfig
 from diffbir.models.unet import IRControlNet, UNetConfig
 from diffbir.sampling.denoiser import Denoiser, cfg_model, gaussian_noise, initial_latent
 from diffbir.sampling.samplers import SAMPLERS, sample
 from diffbir.sampling.schedules import NoiseSchedule
-from training.config import Location, TrainConfig
+from pipelines.config import Location
+from training.config import TrainConfig
 from training.loop import autocast
-from training.train_rm import image_metrics
 
 
 class GMConfig(TrainConfig):
@@ -148,7 +149,7 @@ class GMTask:
             z = sample(den, x_T, self.cfg.val_sampler, self.cfg.val_steps, noise=gaussian_noise(generator))
             restored = ((cldm.vae_decode(z).float() + 1) / 2).clamp(0, 1)
         model.train()
-        metrics = image_metrics(restored, hq01) | {f"{k}_stage1": v for k, v in image_metrics(stage1, hq01).items()}
+        metrics = batch_metrics(restored, hq01) | {f"{k}_stage1": v for k, v in batch_metrics(stage1, hq01).items()}
         return {f"val/{k}": v for k, v in metrics.items()}, [lq, stage1, restored, hq01]
 
     def export(self, model: nn.Module) -> dict[str, tuple[nn.Module, dict]]:

@@ -10,7 +10,7 @@ leaves out the git-ignored runs/: give data, storage and MLflow paths absolute, 
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
         python training/train_rm.py --config training/configs/rm_tiny.yaml \\
         --data $PWD/runs/data/example/train --val-data $PWD/runs/data/example/val \\
-        --storage $PWD/runs/train --mlflow-dir $PWD/runs/mlflow
+        --storage $PWD/runs/train --tracking-dir $PWD/runs/mlflow
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python training
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch import nn
 
 from diffbir.checkpoints.loading import load_model
 from diffbir.config import DiffusionConfig
+from diffbir.metrics import batch_metrics
 from diffbir.models.swinir import SwinIR, SwinIRConfig
-from training.config import Location, TrainConfig
+from pipelines.config import Location
+from training.config import TrainConfig
 from training.loop import autocast
 
 
@@ -68,21 +69,11 @@ class RMTask:
         with autocast(self.cfg.precision, self.device):
             restored = model(lq).float().clamp(0, 1)
         model.train()
-        metrics = image_metrics(restored, hq01) | {f"{k}_lq": v for k, v in image_metrics(lq, hq01).items()}
+        metrics = batch_metrics(restored, hq01) | {f"{k}_lq": v for k, v in batch_metrics(lq, hq01).items()}
         return {f"val/{k}": v for k, v in metrics.items()}, [lq, restored, hq01]
 
     def export(self, model: nn.Module) -> dict[str, tuple[nn.Module, dict]]:
         return {"swinir": (model, model.config.model_dump())}
-
-
-def image_metrics(pred01: torch.Tensor, target01: torch.Tensor) -> dict[str, float]:
-    """Mean PSNR and SSIM (RGB, 8-bit, scikit-image) of a batch of images in [0, 1]."""
-    to8 = lambda x: (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # noqa: E731
-    pairs = list(zip(to8(pred01), to8(target01)))
-    return {
-        "psnr": float(sum(peak_signal_noise_ratio(t, p, data_range=255) for p, t in pairs) / len(pairs)),
-        "ssim": float(sum(structural_similarity(t, p, channel_axis=2, data_range=255) for p, t in pairs) / len(pairs)),
-    }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,7 +5,7 @@ Models (typed configs, YAML in pipelines/configs/degradations/):
 - CodeFormerFaceConfig: the same with DiffBIR's face ranges;
 - RealESRGANConfig: Real-ESRGAN's second-order model, resized back to the HQ size.
 
-    lq, params = degrade(hq, seed, load_config("realesrgan"))
+    lq, params = degrade(hq, seed, load_degradation("realesrgan"))
 
 Images are HWC RGB: uint8 [0, 255] or float [0, 1] in, the same kind out (float as float32);
 the operations work on float32 [0, 1]. params is JSON-able; apply_params(hq, params) replays it.
@@ -19,7 +19,7 @@ from .config import (
     KernelConfig,
     RealESRGANConfig,
     StageConfig,
-    load_config,
+    load_degradation,
 )
 from .kernels import (
     KERNEL_TYPES,
@@ -65,7 +65,7 @@ __all__ = [
     "KernelConfig",
     "RealESRGANConfig",
     "StageConfig",
-    "load_config",
+    "load_degradation",
     "KERNEL_TYPES",
     "gaussian_kernel",
     "generalized_kernel",

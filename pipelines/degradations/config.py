@@ -1,7 +1,7 @@
 """Typed configurations of the degradation models; defaults are the published values.
 
 Each model's YAML file in pipelines/configs/degradations/ states the same values; its ``model``
-key selects the class (``load_config``).
+key selects the class (``load_degradation``).
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ DegradationConfig = Annotated[FirstOrderConfig | CodeFormerFaceConfig | RealESRG
 _ADAPTER: TypeAdapter = TypeAdapter(DegradationConfig)
 
 
-def load_config(source: str | Path) -> FirstOrderConfig | RealESRGANConfig:
+def load_degradation(source: str | Path) -> FirstOrderConfig | RealESRGANConfig:
     """Load a YAML file, or a bundled one by name: "first_order", "realesrgan", "codeformer_face"."""
     path = Path(source)
     if path.suffix not in (".yaml", ".yml"):

@@ -16,13 +16,16 @@ This is the only file of the repository that names the shared folder.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from diffbir.config import parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden"
@@ -63,13 +66,13 @@ def tiny_layout(weights_manifest: Path) -> dict:
     }
 
 
+class RefreshConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str = Field(str(DEFAULT_SOURCE), description="the team's shared reference folder")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--source", type=Path, default=DEFAULT_SOURCE, help=f"reference folder (default {DEFAULT_SOURCE})"
-    )
-    args = parser.parse_args(argv)
-    src: Path = args.source
+    src = Path(parse_config(RefreshConfig, argv, __doc__, "python tests/golden/refresh.py").source)
     if not (src / "golden").is_dir():
         print(f"refresh-golden: {src} holds no golden/ folder; nothing to refresh", file=sys.stderr)
         return 1
