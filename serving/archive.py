@@ -494,9 +494,10 @@ class ArchiveRestorer:
 
 
 class Parts:
-    """<stem>.parts/: `files/<ordinal>` holds a restored member's bytes, `records/*.jsonl` one
-    line per finished member (written after its file, so a record always has its file), and
-    `run.json` what the parts belong to."""
+    """<stem>.parts/: `files/<ordinal>` holds a restored member's bytes, `stage1/<ordinal>.png` its
+    stage-1 image when the contact sheet shows it, `records/*.jsonl` one line per finished member
+    (written after its files, so a record always has its file), and `run.json` what the parts
+    belong to."""
 
     def __init__(self, url: str):
         self.fs, self.root = fsspec.core.url_to_fs(url)
@@ -515,6 +516,7 @@ class Parts:
             return
         self.fs.makedirs(f"{self.root}/files", exist_ok=True)
         self.fs.makedirs(f"{self.root}/records", exist_ok=True)
+        self.fs.makedirs(f"{self.root}/stage1", exist_ok=True)
         with atomic_write(self.fs, run_file) as f:
             f.write(json.dumps(fingerprint, indent=1).encode())
 
@@ -550,7 +552,7 @@ class Parts:
         return f"{self.root}/files/{ordinal}"
 
     def stage1_file(self, ordinal: int) -> str:
-        return f"{self.root}/files/{ordinal}.stage1.png"
+        return f"{self.root}/stage1/{ordinal}.png"
 
     def remove(self) -> None:
         if self.fs.exists(self.root):
