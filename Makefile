@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup lint test test-fast bench clean demo promote filter-laion example-data tiny-models train-rm train-gm restore-archive serve refresh-golden
+.PHONY: setup lint test test-fast bench clean demo promote filter-laion example-data tiny-models train-rm train-gm evaluate restore-archive serve refresh-golden
 
 # CONFIG and ARGS pass a config file and extra flags to the targets below.
 
@@ -84,6 +84,11 @@ train-gm: $(STAMP) $(if $(CONFIG),,$(EXAMPLE)/.done $(TINY)/.done)
 
 promote: $(STAMP)
 	$(PY) training/promote.py --config $(or $(CONFIG),training/configs/promote.yaml) $(ARGS)
+
+# Score models on the benchmarks of a config (default: the tiny model of the README on three
+# photos); ARGS='--models models:/diffbir@champion --compare NAME=FOLDER' (RAY_ADDRESS joins a cluster).
+evaluate: $(STAMP)
+	$(PY) -m training.evaluate --config $(or $(CONFIG),training/configs/eval_tiny.yaml) $(ARGS)
 
 # The restoration API on Ray Serve, in the foreground until Ctrl-C (serving/configs/serve.yaml;
 # every field is also a flag: ARGS='--model-uri /tmp/diffbir-tiny --port 8080').

@@ -19,6 +19,7 @@ from diffbir.checkpoints.tiny import TINY_LAYOUT, TINY_SALT, write_keyed_files
 from diffbir.config import Arg, DiffusionConfig, Dtype, add_config_flags, config_from_args
 from diffbir.image_io import READABLE_SUFFIXES, WRITABLE_SUFFIXES, ImageError, read_image, write_image
 from diffbir.pipeline import DTYPES, RestorationPipeline, RestoreOptions
+from diffbir.presets import Version
 
 NumHeadChannels = Annotated[
     int, Field(ge=1, description="attention head width, not recorded in the weights (SD 2.1: 64)")
@@ -45,8 +46,10 @@ class ConvertConfig(BaseModel):
         description="SD 2.1 / IRControlNet / SwinIR / v1 full / spandrel files"
     )
     output: Annotated[str, Arg("-o")] = Field(description="output directory")
-    schedule: Literal["v1", "v2", "v2.1"] = Field(
-        "v2", description="noise schedule of the weights (v2.1: zero-terminal-SNR + v prediction)"
+    schedule: Version = Field(
+        "v2",
+        description="the release the weights are: its noise schedule (v2.1: zero-terminal-SNR + v prediction), "
+        "recorded in model.json with the version, whose preset restorations use by default",
     )
     dtype: Dtype | None = Field(None, description="store the weights in this dtype (None: as read)")
     num_head_channels: NumHeadChannels = 64
@@ -89,6 +92,7 @@ def _cmd_convert(args) -> int:
         cfg.inputs,
         cfg.output,
         diffusion=DiffusionConfig.preset(cfg.schedule),
+        version=cfg.schedule,
         num_head_channels=cfg.num_head_channels,
         dtype=DTYPES[cfg.dtype] if cfg.dtype else None,
         overwrite=cfg.overwrite,
@@ -146,7 +150,8 @@ def _cmd_restore(args) -> int:
     pipe = RestorationPipeline.from_pretrained(
         cfg.model, cfg.device, cfg.dtype, num_head_channels=cfg.num_head_channels
     )
-    opts = RestoreOptions(**cfg.model_dump(include=set(RestoreOptions.model_fields)))
+    # only the options given: a preset (the model's version's by default) fills the others
+    opts = RestoreOptions(**cfg.model_dump(include=set(RestoreOptions.model_fields), exclude_unset=True))
     failed = 0
     with tqdm(total=len(todo), unit="img", desc="restore") as bar:
         for start in range(0, len(todo), cfg.batch_size):

@@ -8,6 +8,7 @@ Everything large runs in tiles (stage 1, VAE, the denoiser), so memory stays fla
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,20 +21,27 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from diffbir.checkpoints.loading import ModelBundle, load_model
 from diffbir.colorfix import wavelet_reconstruction
-from diffbir.config import Dtype
+from diffbir.config import DiffusionConfig, Dtype
+from diffbir.presets import PAPER_NEGATIVE, PRESETS, Preset, Version
 from diffbir.sampling import SAMPLERS, Denoiser, RestorationGuidance, cfg_model, initial_latent, sample
+from diffbir.sampling.edm import EDMOptions
 from diffbir.sampling.tiling import cldm_tiled_denoiser, tiled_apply, tiled_stage1, tiled_vae_decode
 
 DTYPES: dict[Dtype, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TASK_UPSCALE = {"sr": 4.0, "face": 1.0, "denoise": 1.0}
-DEFAULT_NEGATIVE = "low quality, blurry, low-resolution, noisy, unsharp, weird textures"
 
 
 class RestoreOptions(BaseModel):
-    """Every option of a restoration; the CLI flags and the HTTP API map onto these fields."""
+    """Every option of a restoration; the CLI flags and the HTTP API map onto these fields.
+    `preset` fills the fields not given explicitly (model_fields_set) with that release's settings
+    (diffbir.presets); without one, RestorationPipeline uses the preset of the model's version."""
 
     model_config = ConfigDict(extra="forbid")
 
+    preset: Preset | None = Field(None, description="the official settings of a release (default: the model's version)")
+    schedule: Version | None = Field(
+        None, description="noise schedule of the weights (v2.1: zero-terminal-SNR + v); default: the model's"
+    )
     task: Literal["sr", "face", "denoise"] = "sr"
     upscale: float | None = Field(None, gt=0, le=16, description="output / input size; default: 4 for sr, else 1")
     min_side: int = Field(512, ge=64, description="work at least at this short side (the paper's 512)")
@@ -41,7 +49,14 @@ class RestoreOptions(BaseModel):
     steps: int = Field(50, ge=1, le=1000)
     cfg_scale: float = Field(4.0, ge=0)
     prompt: str = ""
-    negative_prompt: str = DEFAULT_NEGATIVE
+    negative_prompt: str = PAPER_NEGATIVE
+    rescale_cfg: bool = Field(False, description="raise the cfg scale from 1 (t = 1000) to 1 + cfg_scale (t = 0)")
+    s_churn: float = Field(0.0, ge=0, description="edm_euler/heun/dpm_2: stochastic churn")
+    s_tmin: float = Field(0.0, ge=0, description="edm_euler/heun/dpm_2: churn only for sigma >= this")
+    s_tmax: float = Field(300.0, ge=0, description="edm_euler/heun/dpm_2: churn only for sigma <= this")
+    s_noise: float = Field(1.0, ge=0, description="edm samplers: scale of the fresh noise")
+    eta: float = Field(1.0, ge=0, description="edm ancestral and SDE samplers: amount of fresh noise")
+    order: int = Field(1, ge=1, description="edm_lms: order")
     strength: float = Field(1.0, ge=0, description="control strength of IRControlNet")
     start_from: Literal["noise", "condition"] = "noise"
     guidance_scale: float = Field(0.0, ge=0, description="restoration guidance; 0 = off")
@@ -55,6 +70,22 @@ class RestoreOptions(BaseModel):
     tile_size: int = Field(512, ge=64, description="image pixels (stage 1, VAE encode); latent tiles are /8")
     tile_stride: int = Field(256, ge=8)
     seed: int = 231
+
+    @model_validator(mode="after")
+    def _apply_preset(self) -> RestoreOptions:
+        if self.preset is not None:
+            for name, value in PRESETS[self.preset].items():
+                if name not in self.model_fields_set:
+                    setattr(self, name, value)
+        return self
+
+    def with_preset(self, preset: Preset) -> RestoreOptions:
+        """These options with `preset` filling the fields they were not given."""
+        return RestoreOptions(**{**self.model_dump(include=self.model_fields_set), "preset": preset})
+
+    @property
+    def edm(self) -> EDMOptions:
+        return EDMOptions(self.s_churn, self.s_tmin, self.s_tmax, self.s_noise, self.eta, self.order)
 
     @model_validator(mode="after")
     def _check(self) -> RestoreOptions:
@@ -102,6 +133,9 @@ class RestorationPipeline:
         self.bundle = bundle.to(device, dtype)
         self.device, self.dtype = torch.device(device), dtype
         self.cldm, self.stage1 = bundle.cldm, bundle.stage1
+        # stage 1 stays float32, as in the reference (its precision cast covers the ControlLDM only):
+        # a small share of the work, and spandrel's SwinIR blocks add float32 masks into their attention
+        self.stage1.float()
         swinir = bundle.parts.get("swinir")
         self.stage1_scale = 1 if swinir else int(bundle.parts["stage1"].config.get("scale", 1))
         # DiffBIR SwinIR needs whole windows after unshuffling; spandrel nets pad themselves
@@ -113,6 +147,25 @@ class RestorationPipeline:
         cls, paths: str | Path | Sequence[str | Path], device: str = "cpu", dtype: Dtype = "fp32", **load_kwargs
     ) -> RestorationPipeline:
         return cls(load_model(paths, **load_kwargs), device, DTYPES[dtype])
+
+    def options(self, opts: RestoreOptions | None = None) -> RestoreOptions:
+        """The options a run uses: without a preset, the model's version fills what was not given."""
+        opts = opts or RestoreOptions()
+        version = self.bundle.version
+        return opts.with_preset(version) if opts.preset is None and version is not None else opts
+
+    def diffusion(self, opts: RestoreOptions) -> DiffusionConfig:
+        """The noise schedule to sample with: the options' (a preset's) or the model's own. A model
+        that records its version refuses another schedule: its weights would be read wrongly."""
+        if opts.schedule is None:
+            return self.bundle.diffusion
+        version = self.bundle.version
+        if version is not None and DiffusionConfig.preset(opts.schedule) != DiffusionConfig.preset(version):
+            raise ValueError(
+                f"this model is DiffBIR {version}; schedule {opts.schedule} (preset {opts.preset}) is another "
+                "release's: use its own preset, or preset 'paper' for the paper's sampling on any weights"
+            )
+        return DiffusionConfig.preset(opts.schedule)
 
     @property
     def model_info(self) -> dict:
@@ -131,7 +184,8 @@ class RestorationPipeline:
 
     @torch.no_grad()
     def run_stage1(self, lq: torch.Tensor, work: tuple[int, int], opts: RestoreOptions) -> torch.Tensor:
-        """(1,3,h,w) in [0,1] -> the stage-1 restoration at the working size, in [0,1]."""
+        """(1,3,h,w) in [0,1] -> the stage-1 restoration at the working size, in [0,1] (in lq's dtype)."""
+        dtype, lq = lq.dtype, lq.float()
         if self.stage1_scale == 1:
             lq = _resize(lq, work)
         tile = opts.tiled if opts.tiled is not None else max(lq.shape[-2:]) > opts.tile_size
@@ -149,7 +203,7 @@ class RestorationPipeline:
             m = self.stage1_multiple
             out = self.stage1(_pad(lq, (math.ceil(h / m) * m, math.ceil(w / m) * m)))
             out = out[..., : h * self.stage1_scale, : w * self.stage1_scale]
-        return _resize(out, work).clamp(0, 1)
+        return _resize(out, work).clamp(0, 1).to(dtype)
 
     @torch.no_grad()
     def __call__(
@@ -157,7 +211,7 @@ class RestorationPipeline:
     ) -> list[np.ndarray]:
         """Restore a batch: RGB float (H, W, 3) arrays in [0, 1] of any sizes -> restored arrays.
         Image i uses seed `seeds[i]` (default opts.seed + i), independent of its batch mates."""
-        opts = opts or RestoreOptions()
+        opts = self.options(opts)
         seeds = list(seeds) if seeds is not None else [opts.seed + i for i in range(len(images))]
         plans = [plan_sizes(im.shape[0], im.shape[1], opts.scale, opts.min_side) for im in images]
         canvases = [canvas_size(im.shape[0], im.shape[1], opts) for im in images]
@@ -228,13 +282,17 @@ class RestorationPipeline:
                 opts.strength,
                 uncond_txt=c_neg[:1] if opts.cfg_scale != 1 else None,
                 cfg_scale=opts.cfg_scale,
+                rescale_cfg=opts.rescale_cfg,
             )
         else:
-            model = cfg_model(cldm, c_img, c_txt, c_neg, opts.cfg_scale, opts.strength)
-        den = Denoiser(model, self.bundle.diffusion)
+            model = cfg_model(cldm, c_img, c_txt, c_neg, opts.cfg_scale, opts.strength, opts.rescale_cfg)
+        den = Denoiser(model, self.diffusion(opts))
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         noise = per_image_noise(generators)
-        x_T = initial_latent(den, noise(c_img, 0), c_img if opts.start_from == "condition" else None)
+        # the sampler state and its arithmetic are float32 whatever the model's dtype (as the reference's
+        # autocast): bf16 would round x (|x| up to ~1e4 at sigma_max) and fp16 could overflow
+        start = c_img.float()
+        x_T = initial_latent(den, noise(start, 0), start if opts.start_from == "condition" else None)
         hook = None
         if opts.guidance_scale > 0:
             hook = RestorationGuidance(
@@ -249,12 +307,18 @@ class RestorationPipeline:
                 noise=noise,
                 decode_tiles=(latent_tile, latent_tile - latent_stride) if tiled else None,
             )
-        z = sample(den, x_T, opts.sampler, opts.steps, x0_hook=hook, noise=noise)
+        z = sample(den, x_T, opts.sampler, opts.steps, x0_hook=hook, noise=noise, edm=opts.edm)
         decoded = tiled_vae_decode(cldm, z, latent_tile, latent_tile - latent_stride) if tiled else cldm.vae_decode(z)
         restored = ((decoded.float() + 1) / 2).clamp(0, 1)
         if opts.color_fix == "wavelet":
             restored = wavelet_reconstruction(restored, clean.float())
         return restored
+
+
+def name_seed(name: str, base: int) -> int:
+    """The seed of the image called `name` (an archive member's path, a benchmark file's name): a
+    function of the two only, so any run, batch or resume restores the image alike."""
+    return (base + int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big")) % 2**32
 
 
 def per_image_noise(generators: Sequence[torch.Generator]):

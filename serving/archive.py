@@ -80,7 +80,7 @@ from tqdm import tqdm
 
 from diffbir.config import Dtype, parse_config
 from diffbir.image_io import WRITABLE_SUFFIXES, ImageError, ImageInfo, decode_image, encode_image
-from diffbir.pipeline import RestorationPipeline, RestoreOptions
+from diffbir.pipeline import RestorationPipeline, RestoreOptions, name_seed
 from pipelines.arrow import batched_tables
 from pipelines.ray_env import ensure_ray
 from pipelines.shards import atomic_write
@@ -129,7 +129,8 @@ class ArchiveConfig(RestoreOptions):
     overwrite: bool = Field(False, description="replace an existing output and discard earlier parts")
 
     def options(self) -> RestoreOptions:
-        return RestoreOptions(**self.model_dump(include=set(RestoreOptions.model_fields)))
+        """The options given (a preset, the model's version's by default, fills the others)."""
+        return RestoreOptions(**self.model_dump(include=set(RestoreOptions.model_fields), exclude_unset=True))
 
 
 class ArchiveError(Exception):
@@ -174,11 +175,6 @@ def safe_path(name: str) -> tuple[str | None, str | None]:
     if ".." in parts:
         return None, "path traversal ('..')"
     return ("/".join(parts), None) if parts else (None, "empty name")
-
-
-def seed_for(path: str, base: int) -> int:
-    """A seed per member that depends only on its path, so any run restores it alike."""
-    return (base + int.from_bytes(hashlib.sha256(path.encode()).digest()[:4], "big")) % 2**32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,7 +442,7 @@ class ArchiveRestorer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         results, decoded = [], []
         for row in batch.to_pylist():
-            seed = seed_for(row["path"], self.opts.seed)
+            seed = name_seed(row["path"], self.opts.seed)
             result = dict(
                 ordinal=row["ordinal"], seed=seed, read_s=row["read_s"], status="skipped", reason=row["reason"]
             )
@@ -786,7 +782,7 @@ def _run(
             model_uri=model["uri"],
             tracking_uri=mlflow.get_tracking_uri(),
             cache_dir=cfg.cache_dir or os.environ.get(registry.CACHE_ENV),
-            options=cfg.options().model_dump(),
+            options=cfg.options().model_dump(exclude_unset=True),
             cfg=cfg.model_dump(),
             contact=contact,
         ),

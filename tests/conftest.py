@@ -7,6 +7,7 @@ import functools
 import importlib.util
 import io
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -132,6 +133,38 @@ SINGLE_EVAL = dict(rtol=1e-3, atol_rel=1e-4)
 SAMPLING = dict(rtol=1e-2, atol_rel=1e-3)
 
 
+# Analytic denoisers (test_samplers, test_edm): data whose clean latent given x_t is known in closed
+# form, so every sampler's exact answer is too.
+def analytic_model(cfg, x0_of):
+    """The exact network output (eps or v) of the DiffusionConfig `cfg` when the clean latent is
+    x0_of(x_t, alpha_bar)."""
+    from diffbir.sampling import NoiseSchedule
+
+    schedule = NoiseSchedule.from_config(cfg)
+
+    def model(x_t, t):
+        ab = schedule.alpha_bar(t).item()
+        x0 = x0_of(x_t, ab)
+        eps = (x_t - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
+        return eps if cfg.parameterization == "eps" else math.sqrt(ab) * eps - math.sqrt(1 - ab) * x0
+
+    return model
+
+
+MU, S = 0.3, 0.5  # data: every element i.i.d. N(MU, S^2)
+
+
+def gaussian_posterior_mean(x_t, ab):
+    return MU + math.sqrt(ab) * S**2 / (ab * S**2 + 1 - ab) * (x_t - math.sqrt(ab) * MU)
+
+
+def gaussian_ode_solution(x_T, ab_T):
+    """The probability-flow ODE keeps (x_ve - MU) / sqrt(S^2 + sigma^2) constant (x_ve = x / sqrt(ab))."""
+    if ab_T == 0:
+        return MU + S * x_T
+    return MU + (x_T / math.sqrt(ab_T) - MU) * S / math.sqrt(S**2 + (1 - ab_T) / ab_T)
+
+
 def full_key_shapes(golden: Path, layout: str) -> dict[str, list[int]]:
     """{key: shape} of one released-file layout in the set's configs/full_keys.json; `layout` is
     the first word of the file entry (sd21, ircontrolnet, swinir)."""
@@ -186,6 +219,38 @@ def kill_when_a_shard_is_done(proc, shard_dir: Path, timeout: float) -> None:
     deadline = time.monotonic() + 60
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
         time.sleep(0.2)
+
+
+# ---- learned metrics: weight files of random weights (test_metrics, test_evaluate)
+
+
+def random_weights(name: str, folder: Path) -> Path:
+    """A weights file of learned metric `name` (or "fid") with random weights, in `folder`: its own
+    network (diffbir.metrics.learned_network) seeded, saved with safetensors."""
+    import scipy.io
+    from safetensors.torch import save_model
+
+    from diffbir.metrics import learned_network
+
+    torch.manual_seed(0)
+    if name == "niqe":  # a pristine-image model: a mean and a covariance of NIQE's 36 features
+        rng = np.random.default_rng(0)
+        a = rng.normal(size=(36, 36))
+        path = folder / "niqe_modelparameters.mat"
+        scipy.io.savemat(path, {"mu_prisparam": rng.normal(size=(1, 36)), "cov_prisparam": a @ a.T / 36 + np.eye(36)})
+        return path
+    net = learned_network(name)
+    with torch.no_grad():
+        if name.startswith("lpips"):
+            for lin in net.lins:  # trained LPIPS weighs feature distances, never negatively
+                lin.model[-1].weight.abs_()
+        if name == "fid":  # torchvision's default init fades to nothing over Inception's depth
+            for m in net.modules():
+                if isinstance(m, torch.nn.Conv2d):
+                    torch.nn.init.kaiming_normal_(m.weight)
+    path = folder / f"{name}.safetensors"
+    save_model(net, str(path))  # save_model: LPIPS holds its linear layers under two names
+    return path
 
 
 # ---- registry: a real MLflow store and tiny platform models (test_registry, test_promote, serving)

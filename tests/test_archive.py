@@ -22,7 +22,7 @@ import pytest
 from skimage import data
 
 from diffbir.image_io import decode_image, encode_image
-from diffbir.pipeline import RestorationPipeline
+from diffbir.pipeline import RestorationPipeline, name_seed
 from serving import archive
 from serving.archive import (
     ArchiveConfig,
@@ -31,7 +31,6 @@ from serving.archive import (
     read_members,
     restore_archive,
     safe_path,
-    seed_for,
 )
 from training import registry
 
@@ -104,7 +103,7 @@ def assert_restored(row: dict, name: str, payload: bytes, model_uri: str, base_s
     _, w, h = PHOTOS[name]
     assert (row["status"], row["output"], row["reason"], row["error"]) == ("restored", name, None, None)
     assert row["model_uri"] == model_uri and json.loads(row["options"])["steps"] == 2
-    assert row["seed"] == seed_for(name, base_seed) and (row["width"], row["height"]) == (w, h)
+    assert row["seed"] == name_seed(name, base_seed) and (row["width"], row["height"]) == (w, h)
     assert row["restore_s"] > 0 and row["run_id"]
     image = decoded(payload)
     assert image.shape == (h, w, 3) and image.dtype == np.uint8
@@ -139,8 +138,8 @@ def test_safe_path(name, expected):
 
 
 def test_seeds_depend_on_the_path_only():
-    assert seed_for("a/b.png", 1) == seed_for("a/b.png", 1) != seed_for("a/c.png", 1)
-    assert seed_for("a/b.png", 2) == (seed_for("a/b.png", 1) + 1) % 2**32
+    assert name_seed("a/b.png", 1) == name_seed("a/b.png", 1) != name_seed("a/c.png", 1)
+    assert name_seed("a/b.png", 2) == (name_seed("a/b.png", 1) + 1) % 2**32
 
 
 def test_zip_bombs_are_refused_from_declared_sizes(tmp_path):
@@ -308,7 +307,7 @@ def test_tar_gz_to_tar_gz(fresh_tar_gz, model_dir):
         opts = (
             ArchiveConfig(input="x", output="y", model="m", **FAST)
             .options()
-            .model_copy(update={"seed": seed_for(name, 231)})
+            .model_copy(update={"seed": name_seed(name, 231)})
         )
         expected = archive._thumb(encode_image(pipe.stage1_image(image, opts)))
         shown = decoded(base64.b64decode(uris[3 * row + 1]))[..., ::-1]  # BGR -> RGB
@@ -491,7 +490,7 @@ def test_an_interrupted_run_resumes_without_recomputing(tmp_path, photos_tar_gz,
     resumed, fresh = tar_members(out), tar_members(fresh_tar_gz[0])
     assert list(resumed) == list(fresh) == list(PHOTOS)
     for name in PHOTOS:
-        assert rows[name]["seed"] == seed_for(name, 231)
+        assert rows[name]["seed"] == name_seed(name, 231)
         diff = np.abs(decoded(resumed[name]).astype(int) - decoded(fresh[name]).astype(int))
         # batch size 1 vs 4: float rounding at most, which JPEG's requantisation turns into a few levels
         assert diff.max() <= (1 if name.endswith(".png") else 8) and diff.mean() < 0.5, (name, diff.max(), diff.mean())

@@ -15,6 +15,7 @@ from pipelines.degradations import DegradationConfig
 from pipelines.filter_laion import FilterLaionConfig
 from serving.archive import ArchiveConfig
 from serving.config import ServeConfig
+from training.evaluate import EvalConfig
 from training.promote import PromoteConfig
 from training.train_gm import GMConfig
 from training.train_rm import RMConfig
@@ -32,6 +33,7 @@ MODELS = {
     "serving/configs/serve.yaml": ServeConfig,
     "serving/configs/serve_deploy.yaml": ServeDeploySchema,
     "training/configs/degradation_tiny.yaml": DegradationConfig,
+    "training/configs/eval_*.yaml": EvalConfig,
     "training/configs/gm_*.yaml": GMConfig,
     "training/configs/promote.yaml": PromoteConfig,
     "training/configs/rm_*.yaml": RMConfig,

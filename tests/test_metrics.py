@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import math
+import socket
+import urllib.request
 import warnings
 
 import numpy as np
@@ -12,10 +14,29 @@ import pytest
 import torch
 from PIL import Image
 from pydantic import ValidationError
+from safetensors.torch import load_file, load_model, save_file
 from skimage import color, data, filters
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from diffbir.metrics import PLATFORM, MetricConvention, batch_metrics, image_metrics, psnr, ssim
+from diffbir.image_io import write_image
+from diffbir.metrics import (
+    FID,
+    FID_WEIGHTS,
+    LEARNED_WEIGHTS,
+    PLATFORM,
+    FeatureGaussian,
+    Metric,
+    MetricConvention,
+    MetricsConfig,
+    MetricWeightsError,
+    build_metric,
+    frechet_distance,
+    learned_network,
+    psnr,
+    ssim,
+)
+
+from conftest import random_weights
 
 WANG = dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False)  # Wang et al. 2004's SSIM
 FLOAT = MetricConvention(uint8=False)
@@ -64,9 +85,9 @@ def test_platform_convention_is_8_bit_rgb(name):
         "psnr": peak_signal_noise_ratio(hq8, lq8, data_range=255),
         "ssim": structural_similarity(hq8, lq8, channel_axis=2, data_range=255, **WANG),
     }
-    assert image_metrics(lq, hq) == pytest.approx(expected, rel=1e-9)
-    assert image_metrics(lq8, hq8) == pytest.approx(expected, rel=1e-9)
-    assert image_metrics(lq, hq, PLATFORM) == image_metrics(lq, hq)
+    for a, b in ((lq, hq), (lq8, hq8)):
+        assert {"psnr": psnr(a, b), "ssim": ssim(a, b)} == pytest.approx(expected, rel=1e-9)
+    assert psnr(lq, hq, PLATFORM) == psnr(lq, hq) and ssim(lq, hq, PLATFORM) == ssim(lq, hq)
 
 
 def test_y_channel_matches_bt601_luma():
@@ -117,7 +138,8 @@ def test_uint8_convention_measures_what_a_png_holds():
         Image.fromarray(to8(img)).save(buf, format="PNG")
         return np.asarray(Image.open(io.BytesIO(buf.getvalue())))
 
-    assert image_metrics(lq, hq) == image_metrics(png_roundtrip(lq), png_roundtrip(hq))
+    for fn in (psnr, ssim):
+        assert fn(lq, hq) == fn(png_roundtrip(lq), png_roundtrip(hq))
     assert psnr(lq, hq) != psnr(lq, hq, FLOAT)
 
 
@@ -155,16 +177,265 @@ def test_bad_inputs_raise():
         MetricConvention(space="ycbcr")
 
 
-def test_batch_metrics_is_the_mean_over_the_batch():
-    """Training logs batch_metrics of tensors; promotion sums image_metrics of arrays: the same numbers."""
+@pytest.mark.parametrize("name", ["psnr", "ssim"])
+def test_built_metric_scores_each_image_of_a_batch(name):
+    """build_metric's PSNR/SSIM (what validation, promotion and evaluation call) on an NCHW batch: the
+    per-image numbers of the array functions; raw network output is clamped to [0, 1]."""
     hqs = [photo(n) for n in PHOTOS]
     lqs = [degraded(hq, seed=i) for i, hq in enumerate(hqs)]
     nchw = lambda imgs: torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()  # noqa: E731
-    per_image = [image_metrics(lq.astype(np.float32), hq.astype(np.float32)) for lq, hq in zip(lqs, hqs)]
-    mean = {k: np.mean([m[k] for m in per_image]) for k in ("psnr", "ssim")}
-    assert batch_metrics(nchw(lqs), nchw(hqs)) == pytest.approx(mean, rel=1e-12)
-    # raw network output is clamped to [0, 1]
+    fn = {"psnr": psnr, "ssim": ssim}[name]
+    expected = [fn(lq.astype(np.float32), hq.astype(np.float32)) for lq, hq in zip(lqs, hqs)]
+    metric = build_metric(name)
+    assert metric.kind == "fr" and not metric.lower_is_better
+    assert metric(nchw(lqs), nchw(hqs)).tolist() == pytest.approx(expected, rel=1e-12)
     over = nchw(lqs) * 1.5 - 0.2
-    assert batch_metrics(over, nchw(hqs)) == pytest.approx(batch_metrics(over.clamp(0, 1), nchw(hqs)), rel=1e-12)
-    with pytest.raises(ValueError, match="NCHW"):
-        batch_metrics(nchw(lqs)[:, :, :-1], nchw(hqs))
+    assert torch.equal(metric(over, nchw(hqs)), metric(over.clamp(0, 1), nchw(hqs)))
+    with pytest.raises(ValueError, match="full-reference"):
+        metric(nchw(lqs))
+
+
+# Learned metrics (pyiqa), each built from a weights file the test writes: the metric's own
+# network with seeded random weights. Nothing may be fetched: sockets refuse, and the torch hub
+# folder, where torchvision, timm and CLIP download to, must stay absent.
+
+FR_LEARNED = ["lpips", "lpips-vgg", "dists"]
+NR_LEARNED = ["musiq", "clipiqa", "niqe"]  # and maniqa, slow on a CPU (20 ViT-B/8 crops an image)
+
+
+class _Code:
+    """Stands for code in a pickle: what weights_only loading refuses."""
+
+
+@pytest.fixture(scope="module")
+def offline(tmp_path_factory):
+    hub = tmp_path_factory.mktemp("offline") / "torch"
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access attempted")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCH_HOME", str(hub))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setattr(socket.socket, "connect", refuse)
+        mp.setattr(socket, "getaddrinfo", refuse)
+        yield hub
+
+
+@pytest.fixture(scope="module")
+def weights(offline, tmp_path_factory):
+    """name -> a weights file of random weights, written on first use."""
+    folder, files = tmp_path_factory.mktemp("weights"), {}
+
+    def write(name: str) -> str:
+        if name not in files:
+            files[name] = str(random_weights(name, folder))
+        return files[name]
+
+    return write
+
+
+@pytest.fixture(scope="module")
+def learned(weights):
+    """name -> the metric built by build_metric from its random weights, once per module."""
+    metrics = {}
+
+    def build(name: str) -> Metric:
+        if name not in metrics:
+            metrics[name] = build_metric(name, MetricsConfig(weights={name: weights(name)}))
+        return metrics[name]
+
+    return build
+
+
+def nchw(*imgs: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()
+
+
+def square(name: str, size: int = 192) -> np.ndarray:
+    img = getattr(data, name)()
+    y, x = (img.shape[0] - size) // 2, (img.shape[1] - size) // 2
+    return img[y : y + size, x : x + size] / 255
+
+
+def distorted(hq: np.ndarray, sigma: float, noise: float) -> np.ndarray:
+    blurred = filters.gaussian(hq, sigma=sigma, channel_axis=2)
+    return np.clip(blurred + np.random.default_rng(0).normal(0, noise, hq.shape), 0, 1)
+
+
+@pytest.mark.parametrize("name", FR_LEARNED)
+def test_full_reference_learned_metric(name, learned):
+    metric = learned(name)
+    assert (metric.name, metric.kind, metric.lower_is_better) == (name, "fr", True)
+    hqs = [photo("astronaut"), photo("coffee")]
+    hq = nchw(*hqs)
+    mild = nchw(*(distorted(x, 0.8, 0.02) for x in hqs))
+    strong = nchw(*(distorted(x, 2.5, 0.1) for x in hqs))
+    same, d_mild, d_strong = metric(hq, hq), metric(mild, hq), metric(strong, hq)
+    for scores in (same, d_mild, d_strong):
+        assert scores.shape == (2,) and scores.dtype == torch.float64 and torch.isfinite(scores).all()
+    assert same.abs().max() < 1e-5
+    assert (d_mild > 1e-4).all() and (d_strong > d_mild).all(), (d_mild, d_strong)
+    with pytest.raises(ValueError, match="needs the target"):
+        metric(hq)
+    with pytest.raises(ValueError, match="differ"):
+        metric(hq[:, :, :64], hq)
+
+
+@pytest.mark.parametrize("name", NR_LEARNED)
+def test_no_reference_learned_metric(name, learned):
+    metric = learned(name)
+    assert (metric.name, metric.kind, metric.lower_is_better) == (name, "nr", name == "niqe")
+    a, b = square("astronaut"), square("coffee")
+    scores = metric(nchw(a, b, a))
+    assert scores.shape == (3,) and scores.dtype == torch.float64 and torch.isfinite(scores).all()
+    sa, sb, sa2 = scores.tolist()
+    assert sa != pytest.approx(sb, rel=1e-6) and sa2 == pytest.approx(sa, rel=1e-6)  # tells apart; deterministic
+    assert metric(nchw(b)).item() == pytest.approx(sb, rel=1e-6)  # whatever else is in the batch
+    assert metric(nchw(b), nchw(a)).item() == pytest.approx(sb, rel=1e-6)  # the target is ignored
+
+
+@pytest.mark.slow
+def test_maniqa(learned):
+    metric = learned("maniqa")
+    assert (metric.kind, metric.lower_is_better) == ("nr", False)
+    a, b = square("astronaut"), square("coffee")
+    scores = metric(nchw(a, b, a))  # 192 px: upscaled to MANIQA's 224 crops, as pyiqa does
+    assert scores.shape == (3,) and torch.isfinite(scores).all()
+    sa, sb, sa2 = scores.tolist()
+    assert sa != pytest.approx(sb, rel=1e-6) and sa2 == pytest.approx(sa, rel=1e-6)
+
+
+def test_maniqa_loads_from_its_file(weights):
+    """The scores are slow on a CPU (test_maniqa); the network and its file are checked here."""
+    metric = build_metric("maniqa", MetricsConfig(weights={"maniqa": weights("maniqa")}))
+    assert (metric.name, metric.kind, metric.lower_is_better) == ("maniqa", "nr", False)
+
+
+def test_niqe_needs_its_block_size(learned):
+    with pytest.raises(ValueError, match="at least 96x96"):
+        learned("niqe")(torch.rand(1, 3, 64, 128))
+
+
+@pytest.mark.parametrize("name", [*LEARNED_WEIGHTS, "fid"])
+def test_missing_weights_name_the_metric_and_its_file(name, tmp_path):
+    expected = LEARNED_WEIGHTS[name][1] if name in LEARNED_WEIGHTS else FID_WEIGHTS
+    build = (lambda config: FID(config)) if name == "fid" else (lambda config: build_metric(name, config))
+    with pytest.raises(MetricWeightsError, match=rf"^{name}: no weights file configured .*weights\.{name}") as e:
+        build(MetricsConfig())
+    assert expected in str(e.value)
+    missing = tmp_path / "nowhere.pth"
+    with pytest.raises(MetricWeightsError, match=rf"^{name}: weights file {missing} not found") as e:
+        build(MetricsConfig(weights={name: str(missing)}))
+    assert expected in str(e.value)
+
+
+def test_expected_files_are_pyiqas_published_names():
+    """What the weight errors and the docs name: the files pyiqa downloads (or OpenAI's, for CLIP)."""
+    published = {
+        "lpips": "LPIPS_v0.1_alex-df73285e.pth",
+        "lpips-vgg": "LPIPS_v0.1_vgg-a78928a0.pth",
+        "dists": "DISTS_weights-f5e65c96.pth",
+        "musiq": "musiq_koniq_ckpt-e95806b9.pth",
+        "maniqa": "ckpt_koniq10k.pt",
+        "clipiqa": "RN50.pt",
+        "niqe": "niqe_modelparameters.mat",
+    }
+    assert set(LEARNED_WEIGHTS) == set(published)
+    for name, file in published.items():
+        assert file in LEARNED_WEIGHTS[name][1], name
+    assert "pt_inception-2015-12-05-6726825d.pth" in FID_WEIGHTS
+
+
+def test_unusable_weights_files_are_refused(weights, tmp_path):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(MetricWeightsError, match=rf"^lpips: .*{garbage}.*LPIPS_v0.1_alex-df73285e.pth"):
+        build_metric("lpips", MetricsConfig(weights={"lpips": str(garbage)}))
+    code = tmp_path / "code.pth"
+    torch.save({"w": torch.zeros(1), "extra": _Code()}, code)
+    with pytest.raises(MetricWeightsError, match=r"^lpips: .*refused to unpickle"):
+        build_metric("lpips", MetricsConfig(weights={"lpips": str(code)}))
+    with pytest.raises(MetricWeightsError, match=r"^lpips: .*does not fit the network \(missing: .*unexpected: .*conv"):
+        build_metric("lpips", MetricsConfig(weights={"lpips": weights("musiq")}))
+    partial = tmp_path / "partial.safetensors"
+    state = load_file(weights("lpips"))
+    del state[next(k for k in state if k.startswith("net.slice5"))]
+    save_file(state, str(partial))
+    with pytest.raises(MetricWeightsError, match=r"^lpips: .*missing: net\.slice5"):
+        build_metric("lpips", MetricsConfig(weights={"lpips": str(partial)}))
+    with pytest.raises(MetricWeightsError, match=r"^niqe: cannot read"):
+        build_metric("niqe", MetricsConfig(weights={"niqe": str(garbage)}))
+
+
+def test_torch_pickles_of_tensors_load_too(weights, tmp_path):
+    """The published files are torch pickles (of tensors only); with both names of LPIPS' linear layers."""
+    net = learned_network("lpips")
+    load_model(net, weights("lpips"))
+    path = tmp_path / "lpips.pth"
+    torch.save(net.state_dict(), path)
+    metric = build_metric("lpips", MetricsConfig(weights={"lpips": str(path)}))
+    hq = nchw(photo("chelsea"))
+    reference = build_metric("lpips", MetricsConfig(weights={"lpips": weights("lpips")}))
+    lq = nchw(degraded(photo("chelsea")))
+    assert metric(lq, hq) == reference(lq, hq)
+
+
+def test_unknown_metric_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown metric 'lpipz'; known: psnr, ssim, lpips, .*maniqa.*niqe"):
+        build_metric("lpipz")
+    with pytest.raises(ValidationError, match=r"unknown metric 'fid' \(fid is a set metric: the evaluation job's"):
+        MetricsConfig(names=["psnr", "fid"])  # no per-image metric: training validation and promotion refuse it
+
+
+@pytest.fixture(scope="module")
+def face_folders(tmp_path_factory):
+    """Six real photo crops (a), and the same with noise (noisy), as PNG folders."""
+    root = tmp_path_factory.mktemp("fid")
+    crops = [getattr(data, n)()[y : y + 128, x : x + 128] / 255 for n in PHOTOS for y, x in ((40, 100), (120, 180))]
+    for folder, imgs in (("a", crops), ("noisy", [distorted(c, 0.5, 0.15) for c in crops])):
+        for i, img in enumerate(imgs):
+            write_image(root / folder / f"{i}.png", img)
+    return root, nchw(*crops)
+
+
+def test_fid(weights, face_folders):
+    root, a = face_folders
+    fid = FID(MetricsConfig(weights={"fid": weights("fid")}))
+    assert (fid.name, fid.lower_is_better) == ("fid", True)
+    # a batch is measured as the PNGs it would be written as: as the folder of its PNGs, the same set
+    same, noisy = fid(a, root / "a"), fid(root / "noisy", root / "a")
+    assert math.isfinite(same) and math.isfinite(noisy)
+    assert abs(same) < 1e-3 * noisy and noisy > 1
+    with pytest.raises(ValueError, match="at least two"):
+        fid(a[:1], root / "a")
+
+
+def test_frechet_distance_is_pyiqas():
+    """The same distance as pyiqa's sqrtm of the product, for sets larger and smaller than the
+    feature dimension (singular covariances, as small test sets give)."""
+    from pyiqa.archs.fid_arch import frechet_distance as pyiqa_frechet_distance
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(0.3, 1.5, size=(100, 64)) @ rng.normal(size=(64, 64)) / 8
+    gaussian = FeatureGaussian(reference)
+    for n in (200, 20):
+        features = rng.normal(size=(n, 64))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scipy's deprecation of sqrtm's disp, which pyiqa passes
+            expected = pyiqa_frechet_distance(
+                features.mean(0), np.cov(features, rowvar=False), gaussian.mu, gaussian.sigma
+            )
+        assert frechet_distance(features, gaussian) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(reference, gaussian) == pytest.approx(0, abs=1e-6)
+
+
+def test_the_offline_guard_refuses_connections(offline):
+    with pytest.raises(OSError, match="network access attempted"):
+        urllib.request.urlopen("https://huggingface.co", timeout=5)
+
+
+def test_nothing_was_downloaded(offline, learned):
+    """Last of the learned-metric tests: no network access so far (it would have failed them),
+    and nothing cached in torch's hub folder."""
+    assert not offline.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import runpy
 import sys
 import tarfile
@@ -13,14 +14,15 @@ import pytest
 from mlflow import MlflowClient
 from skimage import data
 
-from diffbir.config import build_parser
+from diffbir.config import build_parser, load_config
 from training import registry
-from training.promote import PromoteConfig, main, promote
+from training.promote import Gate, PromoteConfig, judge, main, promote
 
 from conftest import new_run, save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "diffbir-promote"
+PROMOTE_YAML = ROOT / "training/configs/promote.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +40,20 @@ def config(heldout: Path, store: Path, **fields) -> PromoteConfig:
     return PromoteConfig(**defaults | fields)
 
 
-def register(store: Path, bundle, label: str, noise: float) -> str:
+def register(store: Path, bundle, label: str, noise: float, name: str = NAME) -> str:
     """A stage-1 model (what RM training registers) as a new version."""
-    return registry.register_model(new_run(), save_tiny(store / label, bundle, noise, parts=["swinir"]), NAME)
+    return registry.register_model(new_run(), save_tiny(store / label, bundle, noise, parts=["swinir"]), name)
 
 
-def promotion_records(version: str) -> dict[str, dict]:
-    tags = MlflowClient().get_model_version(NAME, version).tags
+def promotion_records(version: str, name: str = NAME) -> dict[str, dict]:
+    tags = MlflowClient().get_model_version(name, version).tags
     return {k: json.loads(v) for k, v in tags.items() if k.startswith("promotion.")}
+
+
+def row(record: dict, metric: str) -> dict:
+    """The comparison table's row of `metric` in a promotion record."""
+    (found,) = [r for r in record["table"] if r["metric"] == metric]
+    return found
 
 
 def test_promotion_sequence(mlflow_store, tiny_bundle, heldout, capsys):
@@ -56,13 +64,15 @@ def test_promotion_sequence(mlflow_store, tiny_bundle, heldout, capsys):
     assert (first.decision, first.reason, first.images) == ("promoted", "no champion yet", 3)
     assert registry.alias_version(NAME, "champion") == "1"
     (record,) = promotion_records("1").values()
-    assert record["decision"] == "promoted" and record["candidate"]["version"] == "1" and "champion" not in record
+    assert record["decision"] == "promoted" and record["candidate"] == "1" and record["champion"] is None
+    assert [r["metric"] for r in record["table"]] == ["psnr", "ssim"] and "champion" not in row(record, "psnr")
 
-    # v2, the reference weights, is better: promoted, through the CLI
+    # v2, the reference weights, is better: promoted, through the CLI (the shipped file's gates, less its
+    # PSNR limit: the tiny reference weights are random, ~9 dB)
     assert register(mlflow_store, tiny_bundle, "good2", 0.0) == "2"
     argv = [
         "--config",
-        str(ROOT / "training/configs/promote.yaml"),
+        str(PROMOTE_YAML),
         "--model-name",
         NAME,
         "--heldout",
@@ -71,6 +81,10 @@ def test_promotion_sequence(mlflow_store, tiny_bundle, heldout, capsys):
         str(mlflow_store / "store"),
         "--crop-size",
         "64",
+        "--gates",
+        json.dumps(
+            [g.model_dump() | {"limit": None} for g in load_config(PromoteConfig, PROMOTE_YAML, heldout="h").gates]
+        ),
     ]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -80,16 +94,21 @@ def test_promotion_sequence(mlflow_store, tiny_bundle, heldout, capsys):
     # v3, perturbed again, is worse: rejected, and both versions record the comparison
     assert register(mlflow_store, tiny_bundle, "bad3", 0.05) == "3"
     worse = promote(cfg)
-    assert worse.decision == "rejected" and "PSNR" in worse.reason
-    assert worse.scores["candidate"].psnr < worse.scores["champion"].psnr - cfg.margin_db
+    assert worse.decision == "rejected" and "psnr" in worse.reason
+    assert worse.scores["candidate"]["psnr"] < worse.scores["champion"]["psnr"] - cfg.gates[0].margin
     assert registry.alias_version(NAME, "champion") == "2"
     (key,) = promotion_records("3")
     assert key.endswith(".v3_vs_v2")
     record = promotion_records("2")[key]
     assert record == promotion_records("3")[key]
-    assert record["decision"] == "rejected" and record["margin_db"] == cfg.margin_db
-    assert record["champion"] == {"version": "2", **vars(worse.scores["champion"])}
-    assert record["candidate"]["psnr"] == worse.scores["candidate"].psnr and record["images"] == 3
+    assert record["decision"] == "rejected" and (record["candidate"], record["champion"]) == ("3", "2")
+    assert record["table"] == [v.record() for v in worse.table] and record["images"] == 3
+    psnr = row(record, "psnr")
+    assert (psnr["margin"], psnr["better"], psnr["verdict"]) == (cfg.gates[0].margin, "higher", "fail")
+    assert (psnr["champion"], psnr["candidate"]) == (
+        worse.scores["champion"]["psnr"],
+        worse.scores["candidate"]["psnr"],
+    )
 
     # v4, the same weights as the champion, is no worse: promoted
     assert register(mlflow_store, tiny_bundle, "same4", 0.0) == "4"
@@ -165,7 +184,8 @@ def test_full_pipeline_scoring(mlflow_store, tiny_bundle, heldout):
         (["--candidate", "99"], f"registered model '{NAME}' has no version 99"),
         (["--heldout", "/nonexistent/heldout"], "held-out set /nonexistent/heldout does not exist"),
         (["--heldout", "EMPTY"], "holds no images"),
-        (["--margin-db", "-1"], "margin_db"),
+        (["--gates", '[{"metric": "psnr", "margin": -1}]'], "margin"),
+        (["--gates", '[{"metric": "nope"}]'], "unknown metric 'nope'"),
         (["--sampling-steps", "1"], "restoration needs a UNet, a VAE and an IRControlNet"),
     ],
 )
@@ -179,5 +199,118 @@ def test_errors_exit_nonzero(mlflow_store, heldout, tmp_path, capsys, flags, mes
 
 
 def test_every_field_is_a_flag():
-    flags = {a.dest for a in build_parser(PromoteConfig)._actions} - {"help", "config"}
+    flags = {a.dest for a in build_parser(PromoteConfig)._actions if "." not in a.dest} - {"help", "config"}
     assert flags == set(PromoteConfig.model_fields)
+
+
+def test_nan_candidate_is_rejected_without_a_champion(mlflow_store, tiny_bundle, heldout):
+    """A diverged model (NaN SwinIR weights) restores NaN pixels: no metric is defined, no promotion."""
+    name = "diffbir-nan"
+    version = register(mlflow_store, tiny_bundle, "nan", math.nan, name)
+    result = promote(config(heldout, mlflow_store, model_name=name))
+    assert (result.decision, result.champion) == ("rejected", None) and "psnr is nan: not a score" in result.reason
+    assert all(math.isnan(v) for v in result.scores["candidate"].values())
+    assert registry.alias_version(name, "champion") is None
+    (record,) = promotion_records(version, name).values()  # strict JSON: NaN written as a string
+    assert record["decision"] == "rejected" and row(record, "ssim")["candidate"] == "nan"
+    assert row(record, "ssim")["verdict"] == "fail" and math.isfinite(row(record, "ssim")["input"])
+
+
+def test_under_limit_candidate_is_rejected_without_a_champion(mlflow_store, tiny_bundle, heldout):
+    name = "diffbir-limit"
+    register(mlflow_store, tiny_bundle, "limit", 0.0, name)
+    psnr = promote(config(heldout, mlflow_store, model_name=name, dry_run=True)).scores["candidate"]["psnr"]
+    under = promote(config(heldout, mlflow_store, model_name=name, gates=[{"metric": "psnr", "limit": psnr + 0.5}]))
+    assert under.decision == "rejected" and f"beyond the limit >= {psnr + 0.5}" in under.reason
+    assert registry.alias_version(name, "champion") is None
+    over = promote(config(heldout, mlflow_store, model_name=name, gates=[{"metric": "psnr", "limit": psnr - 0.5}]))
+    assert (over.decision, over.reason) == ("promoted", "no champion yet")
+
+
+def test_margins_decide_and_both_versions_hold_the_table(mlflow_store, tiny_bundle, heldout, capsys):
+    name = "diffbir-margin"
+    champion = register(mlflow_store, tiny_bundle, "margin1", 0.0, name)
+    assert promote(config(heldout, mlflow_store, model_name=name)).decision == "promoted"
+    candidate = register(mlflow_store, tiny_bundle, "margin2", 0.01, name)  # slightly perturbed: a little worse
+    measured = promote(config(heldout, mlflow_store, model_name=name, dry_run=True)).scores
+    loss = measured["champion"]["psnr"] - measured["candidate"]["psnr"]
+    assert loss > 0
+
+    def gates(psnr_margin: float) -> list[dict]:
+        return [{"metric": "psnr", "margin": psnr_margin}, {"metric": "ssim", "margin": 1.0}]
+
+    beyond = promote(config(heldout, mlflow_store, model_name=name, gates=gates(loss / 2)))
+    assert beyond.decision == "rejected" and registry.alias_version(name, "champion") == champion
+    assert beyond.reason.startswith(f"psnr {measured['candidate']['psnr']:.4f} vs v{champion}'s ")
+    assert beyond.reason.endswith(f"({-loss:+.4f}): worse by more than the margin {loss / 2}")
+    within = promote(config(heldout, mlflow_store, model_name=name, gates=gates(2 * loss)))
+    assert within.decision == "promoted" and registry.alias_version(name, "champion") == candidate
+    assert within.scores == beyond.scores == measured  # the same inputs, the same numbers
+
+    records = [promotion_records(v, name) for v in (champion, candidate)]
+    assert records[0].keys() > records[1].keys() and len(records[1]) == 2  # v1 also holds its own first promotion
+    for key, record in records[1].items():
+        assert records[0][key] == record
+        verdicts = {r["metric"]: r["verdict"] for r in record["table"]}
+        assert verdicts == (
+            {"psnr": "fail", "ssim": "pass"} if record["decision"] == "rejected" else {"psnr": "pass", "ssim": "pass"}
+        )
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "lower_is_better, cand, champ, gate, passed, reason",
+    [
+        # non-finite means: NaN and infinitely bad values reject; +inf PSNR (exact restorations) stands
+        (False, math.nan, None, {}, False, "x is nan: not a score"),
+        (False, -math.inf, None, {}, False, "x is -inf: not a score"),
+        (True, math.inf, None, {}, False, "x is inf: not a score"),
+        (False, math.inf, None, {"limit": 20.0}, True, "x inf, within the limit 20.0; no champion to compare with"),
+        (False, math.inf, math.inf, {"margin": 0.1}, True, "x inf vs v1's inf (+nan): within the margin 0.1"),
+        (
+            False,
+            30.0,
+            math.inf,
+            {"margin": 0.1},
+            False,
+            "x 30.0000 vs v1's inf (-inf): worse by more than the margin 0.1",
+        ),
+        (
+            False,
+            30.0,
+            math.nan,
+            {"margin": 0.1},
+            True,
+            "x 30.0000 vs v1's nan (+nan): within the margin 0.1",
+        ),  # a broken champion
+        # a lower-is-better metric (LPIPS-like): the limit is a ceiling, the margin an allowed rise
+        (True, 0.5, None, {"limit": 0.4}, False, "x 0.5000 is beyond the limit <= 0.4"),
+        (
+            True,
+            0.32,
+            0.30,
+            {"margin": 0.01},
+            False,
+            "x 0.3200 vs v1's 0.3000 (+0.0200): worse by more than the margin 0.01",
+        ),
+        (True, 0.32, 0.30, {"margin": 0.03}, True, "x 0.3200 vs v1's 0.3000 (+0.0200): within the margin 0.03"),
+        (True, 0.20, 0.30, {"limit": 0.4}, True, "x 0.2000 vs v1's 0.3000 (-0.1000): within the margin 0.0"),
+        (False, 5.0, None, None, True, "x measured, not gated"),
+    ],
+)
+def test_judge(lower_is_better, cand, champ, gate, passed, reason):
+    gate = None if gate is None else Gate(metric="psnr", **gate)
+    assert judge("x", lower_is_better, cand, champ, gate, None if champ is None else "1") == (passed, reason)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="unknown metric 'nope'"):
+        PromoteConfig(heldout="h", gates=[{"metric": "nope", "margin": 0.01}])
+    with pytest.raises(ValueError, match="unknown metric 'nope'"):
+        PromoteConfig(heldout="h", metrics={"names": ["psnr", "nope"]})
+    with pytest.raises(ValueError, match="one gate per metric: psnr has several"):
+        PromoteConfig(heldout="h", gates=[{"metric": "psnr"}, {"metric": "psnr", "margin": 1}])
+    with pytest.raises(ValueError, match="at least 1 item"):
+        PromoteConfig(heldout="h", gates=[])
+    cfg = PromoteConfig(heldout="h", gates=[{"metric": "ssim", "limit": 0.5}], metrics={"names": ["psnr", "ssim"]})
+    assert cfg.measured() == ["ssim", "psnr"]  # gated first, then reported only

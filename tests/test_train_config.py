@@ -6,10 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from diffbir.config import build_parser, load_config, parse_config
+from diffbir.metrics import build_metric
 from training.launch import deepspeed_config
-from training.loop import lr_factor
+from training.loop import ValMetrics, lr_factor
 from training.train_gm import GMConfig
 from training.train_rm import RMConfig
 
@@ -83,3 +85,17 @@ def test_deepspeed_config_and_lr_schedule():
     )  # the JSON's own settings stay
     assert not ds["bf16"]["enabled"] and ds["optimizer"]["params"]["lr"] == 1e-4
     assert [cfg.lr * lr_factor(cfg, s) for s in (0, 9, 99, 100)] == pytest.approx([1e-5, 1e-4, 1e-4, 1e-5])
+
+
+def test_val_metrics_are_diffbir_metrics_checked_at_config_time():
+    """Validation logs val/<metric> through diffbir.metrics, as promotion scores; a typo fails on reading."""
+    cfg = load_config(RMConfig, CONFIGS / "rm_tiny.yaml")
+    assert cfg.val_metrics.names == ["psnr", "ssim"]  # the cheap ones by default
+    with pytest.raises(ValueError, match="unknown metric 'nope'"):
+        load_config(RMConfig, CONFIGS / "rm_tiny.yaml", val_metrics={"names": ["psnr", "nope"]})
+    gen = torch.Generator().manual_seed(0)
+    hq = torch.rand(2, 3, 32, 32, generator=gen)
+    lq = (hq + 0.1 * torch.randn(hq.shape, generator=gen)).clamp(0, 1)
+    scores = ValMetrics(cfg.val_metrics, torch.device("cpu"))(lq, hq, "_lq")
+    expected = {f"val/{k}_lq": build_metric(k)(lq, hq).mean().item() for k in ("psnr", "ssim")}
+    assert scores == pytest.approx(expected, rel=1e-12)

@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import Field
 
 from diffbir.config import Dtype
+from diffbir.metrics import MetricsConfig
 from pipelines.config import Location
 from pipelines.feed import FeedConfig
 
@@ -75,6 +76,11 @@ class TrainConfig(FeedConfig):
     image_every: int = Field(5000, ge=1, description="steps between sample grids (and at the end)")
     val_data: Location | None = Field(None, description="held-out shards or images for validation (default: data)")
     val_samples: int = Field(4, ge=1, description="size of the fixed validation batch")
+    val_metrics: MetricsConfig = Field(
+        default_factory=MetricsConfig,
+        description="metrics logged as val/<name>, computed as promotion computes them (learned ones: list "
+        "them in names, their weight files in weights)",
+    )
 
     def feed(self) -> FeedConfig:
         return FeedConfig(**self.model_dump(include=set(FeedConfig.model_fields)))

@@ -35,6 +35,7 @@ from torchvision.utils import make_grid
 
 from diffbir.checkpoints.platform import save_model_dir
 from diffbir.config import DiffusionConfig
+from diffbir.metrics import Metric, MetricsConfig, build_metric
 from diffbir.pipeline import DTYPES
 from pipelines.feed import rank_batches, validation_batch
 from training.config import TrainConfig
@@ -188,6 +189,24 @@ def autocast(precision: str, device: torch.device):
     bf16/fp16, autocast casts what meets it (fp32 frozen parts, masks built on the fly)."""
     dtype = DTYPES[precision]
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+class ValMetrics:
+    """The run's val_metrics (diffbir.metrics, as promotion scores them), built on first use: only
+    rank 0 validates, and a learned metric's network is loaded once."""
+
+    def __init__(self, cfg: MetricsConfig, device: torch.device):
+        self.cfg, self.device = cfg, device
+
+    @functools.cached_property
+    def metrics(self) -> list[Metric]:
+        return [build_metric(name, self.cfg, self.device) for name in self.cfg.names]
+
+    def __call__(self, pred: torch.Tensor, target: torch.Tensor, suffix: str = "") -> dict[str, float]:
+        """{"val/<name><suffix>": mean over the batch} of (N,3,H,W) images in [0, 1]."""
+        return {
+            f"val/{m.name}{suffix}": m(pred, target if m.kind == "fr" else None).mean().item() for m in self.metrics
+        }
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -1,5 +1,4 @@
-"""Move the `champion` alias to a candidate version when it restores a held-out set no worse than
-the current champion (within a margin), or when there is no champion yet.
+"""Move the `champion` alias to a candidate version when it passes every promotion gate.
 
     python training/promote.py --config training/configs/promote.yaml [--candidate 7 ...]
 
@@ -8,23 +7,35 @@ name order. Each image is centre-cropped to whole 64-pixel SwinIR windows and de
 training degradation model (pipelines.degradations; DiffBIR's first-order model by default)
 with a seed fixed per image, so every run sees the same LQ images. The model's stage 1 (the
 SwinIR restoration module) restores them, or with `sampling_steps` > 0 the whole diffusion
-pipeline (a short sampling run), and PSNR and SSIM are taken against the HQ images in
-diffbir.metrics' platform convention (RGB, no border crop, 8-bit: the one training validation logs).
-Candidate and champion are scored in the same run on the same inputs, so scores from other held-out
-sets never decide.
+pipeline (a short sampling run). Each metric (diffbir.metrics.build_metric: PSNR, SSIM, LPIPS,
+MANIQA, ...; built once) scores every restoration, and the degraded input itself, as training
+validation does (`val_metrics`, the same MetricsConfig). Candidate and champion are scored in the
+same run on the same inputs, so scores from other held-out sets never decide.
+
+A gate is a metric, a margin and an optional absolute limit; the direction is the metric's own
+(`lower_is_better`). The candidate is rejected, with or without a champion, when any measured
+metric's mean is not a score (NaN, or infinitely bad: -inf for higher-is-better metrics) or when
+it is beyond a gate's limit; with a champion it must also be no worse than it by more than each
+gate's margin. An infinitely *good* mean stands: PSNR is +inf for an image restored exactly (the
+metric's definition), so a set mean of +inf is a perfect score, not a failure, and only another
++inf matches it. A restoration holding NaN or inf pixels is no image: every metric scores it NaN.
+A champion's NaN score holds no candidate back.
 
 Only the alias moves: no version is deleted. Both versions get a `promotion.<time>.v<c>_vs_v<p>`
-tag holding the comparison (scores, margins, decision) as JSON. Exit status 0 when it ran
-(promoted or not), 1 on an error, 2 on bad flags.
+tag holding the comparison table (per metric: input, champion and candidate means, margin, limit,
+verdict and its reason) and the decision as JSON; non-finite numbers are written as the strings
+"nan", "inf", "-inf". The table and the decision are printed, and logged (logger
+`training.promote`). Exit status 0 when it ran (promoted or not), 1 on an error, 2 on bad flags.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import sys
 import tarfile
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -34,14 +45,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from diffbir.checkpoints.loading import load_model
 from diffbir.checkpoints.platform import read_manifest
 from diffbir.config import parse_config
 from diffbir.image_io import READABLE_SUFFIXES, decode_image
-from diffbir.metrics import image_metrics
+from diffbir.metrics import METRIC_NAMES, Metric, MetricsConfig, build_metric
 from diffbir.pipeline import RestorationPipeline, RestoreOptions
 from diffbir.sampling.tiling import tiled_stage1
 from pipelines.degradations import DegradationConfig, degrade, load_degradation
@@ -49,6 +60,34 @@ from training import registry
 
 WINDOW = 64  # DiffBIR SwinIR needs sides in multiples of sf * window_size = 8 * 8
 RestoreFn = Callable[[np.ndarray, int], np.ndarray]  # (LQ image, its index in the set) -> restored image
+ROLES = ("input", "champion", "candidate")  # the table's columns: the degraded input, then the two versions
+log = logging.getLogger(__name__)
+
+
+class Gate(BaseModel):
+    """One promotion rule: a metric, how much worse than the champion it may get, and an optional
+    absolute limit. Which way is worse is the metric's own direction (Metric.lower_is_better)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: str = Field(description=f"a diffbir.metrics name: {', '.join(METRIC_NAMES)}")
+    margin: float = Field(0.0, ge=0, description="largest loss against the champion that still promotes, in its units")
+    limit: float | None = Field(
+        None,
+        description="absolute bound, checked also without a champion: the least a higher-is-better metric "
+        "may score (psnr: 20), the most a lower-is-better one may (lpips: 0.4)",
+    )
+
+    @field_validator("metric")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in METRIC_NAMES:  # when the config is read, not when scoring starts
+            raise ValueError(f"unknown metric {name!r}; known: {', '.join(METRIC_NAMES)}")
+        return name
+
+
+def _default_gates() -> list[Gate]:
+    return [Gate(metric="psnr", margin=0.1), Gate(metric="ssim", margin=0.005)]
 
 
 class PromoteConfig(BaseModel):
@@ -65,11 +104,31 @@ class PromoteConfig(BaseModel):
     degradation: str = Field("first_order", description="pipelines.degradations config: a bundled name or a YAML file")
     seed: int = Field(0, description="degradation seed (image i uses [seed, i])")
     sampling_steps: int = Field(0, ge=0, description="0: score stage 1 alone; N: the full pipeline, N sampling steps")
-    margin_db: float = Field(0.1, ge=0, description="largest PSNR drop (dB) that still promotes")
-    margin_ssim: float = Field(0.005, ge=0, description="largest SSIM drop that still promotes")
+    gates: list[Gate] = Field(
+        default_factory=_default_gates,
+        min_length=1,
+        description="the rules the candidate must pass, one per metric (JSON: [{metric, margin, limit}, ...])",
+    )
+    metrics: MetricsConfig = Field(
+        default_factory=MetricsConfig,
+        description="how metrics are computed (PSNR/SSIM convention, learned metrics' weight files); its names "
+        "are measured and reported beside the gates' metrics, rejecting only when not a score",
+    )
     tile_size: int = Field(512, gt=WINDOW, multiple_of=WINDOW, description="tile size (bounds memory on large crops)")
     device: str = Field("cpu", description="torch device")
     dry_run: bool = Field(False, description="score and report only: move no alias, write no tags")
+
+    @model_validator(mode="after")
+    def _one_gate_per_metric(self) -> PromoteConfig:
+        names = [g.metric for g in self.gates]
+        if repeated := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"one gate per metric: {', '.join(repeated)} has several")
+        return self
+
+    def measured(self) -> list[str]:
+        """The gates' metrics, then the further ones metrics.names asks for."""
+        gated = [g.metric for g in self.gates]
+        return gated + [n for n in self.metrics.names if n not in gated]
 
 
 class PromotionError(Exception):
@@ -77,9 +136,27 @@ class PromotionError(Exception):
 
 
 @dataclass(frozen=True)
-class Scores:
-    psnr: float
-    ssim: float
+class Verdict:
+    """One row of the comparison table: a metric's means over the held-out set and its verdict."""
+
+    metric: str
+    lower_is_better: bool
+    scores: dict[str, float]  # role (input, champion, candidate) -> mean; no champion: no entry
+    gate: Gate | None  # None: measured and reported, not gated
+    passed: bool
+    reason: str
+
+    def record(self) -> dict:
+        """The row as JSON-safe values (non-finite numbers as strings)."""
+        return dict(
+            metric=self.metric,
+            better="lower" if self.lower_is_better else "higher",
+            **{role: _number(v) for role, v in self.scores.items()},
+            margin=self.gate.margin if self.gate else None,
+            limit=self.gate.limit if self.gate else None,
+            verdict="pass" if self.passed else "fail",
+            reason=self.reason,
+        )
 
 
 @dataclass
@@ -90,9 +167,15 @@ class Promotion:
     champion: str | None  # the version the alias named before
     decision: str  # promoted | rejected | unchanged
     reason: str
-    scores: dict[str, Scores] = field(default_factory=dict)  # input (the degraded LQ), champion, candidate
+    table: list[Verdict] = field(default_factory=list)
     images: int = 0
     dry_run: bool = False
+
+    @property
+    def scores(self) -> dict[str, dict[str, float]]:
+        """role -> metric -> mean over the held-out set."""
+        roles = [r for r in ROLES if self.table and r in self.table[0].scores]
+        return {role: {v.metric: v.scores[role] for v in self.table} for role in roles}
 
 
 def promote(cfg: PromoteConfig) -> Promotion:
@@ -105,68 +188,121 @@ def promote(cfg: PromoteConfig) -> Promotion:
     versions = {"candidate": candidate} | ({"champion": champion} if champion else {})
     files = _heldout_files(cfg.heldout)  # fail on a missing set or degradation before downloading models
     degradation = load_degradation(cfg.degradation)
+    metrics = {n: build_metric(n, cfg.metrics, cfg.device) for n in cfg.measured()}  # a missing weight file fails here
     restorers = {
         role: _restorer(registry.resolve(f"models:/{name}/{v}", cfg.cache_dir), cfg) for role, v in versions.items()
     }
-    scores, count = evaluate(restorers, files, degradation, cfg)
-    promoted, reason = decide(scores, champion, cfg)
-    decision = "promoted" if promoted else "rejected"
-    result = Promotion(name, alias, candidate, champion, decision, reason, scores, count, cfg.dry_run)
+    scores, count = heldout_means(restorers, files, degradation, metrics, cfg)
+    table = decide(scores, metrics, cfg.gates, champion)
+    failed = [v.reason for v in table if not v.passed]
+    if failed:
+        reason = "; ".join(failed)
+    else:
+        reason = f"no worse than v{champion} within the margins" if champion else "no champion yet"
+    decision = "rejected" if failed else "promoted"
+    result = Promotion(name, alias, candidate, champion, decision, reason, table, count, cfg.dry_run)
+    log.info("%s", format_summary(result))
     if cfg.dry_run:
         return result
-    if promoted:
+    if not failed:
         if registry.alias_version(name, alias) != champion:  # another promotion ran meanwhile
             raise PromotionError(f"@{alias} moved while scoring (it was v{champion}); nothing changed, run again")
         registry.set_alias(name, alias, candidate)
     now = datetime.now(timezone.utc)
     record = dict(
-        decision=result.decision,
+        decision=decision,
         reason=reason,
         alias=alias,
-        **{role: {"version": v, **vars(scores[role])} for role, v in versions.items()},
-        input=vars(scores["input"]),
-        margin_db=cfg.margin_db,
-        margin_ssim=cfg.margin_ssim,
+        candidate=candidate,
+        champion=champion,
+        table=[v.record() for v in table],
         heldout=cfg.heldout,
         images=count,
-        **cfg.model_dump(include={"degradation", "seed", "crop_size", "sampling_steps"}),
+        **cfg.model_dump(mode="json", include={"metrics", "degradation", "seed", "crop_size", "sampling_steps"}),
         timestamp=now.isoformat(),
     )
     key = f"promotion.{now:%Y%m%dT%H%M%S}Z.v{candidate}_vs_{f'v{champion}' if champion else 'none'}"
     for v in versions.values():
-        registry.set_tags(name, v, {key: json.dumps(record)})
+        registry.set_tags(name, v, {key: json.dumps(record, allow_nan=False)})
     return result
 
 
-def decide(scores: dict[str, Scores], champion: str | None, cfg: PromoteConfig) -> tuple[bool, str]:
-    if champion is None:
-        return True, "no champion yet"
-    cand, champ = scores["candidate"], scores["champion"]
-    worse = []
-    if cand.psnr < champ.psnr - cfg.margin_db:
-        worse.append(f"PSNR {cand.psnr - champ.psnr:+.3f} dB vs v{champion}, allowed -{cfg.margin_db} dB")
-    if cand.ssim < champ.ssim - cfg.margin_ssim:
-        worse.append(f"SSIM {cand.ssim - champ.ssim:+.4f} vs v{champion}, allowed -{cfg.margin_ssim}")
-    return not worse, "; ".join(worse) or f"no worse than v{champion} within the margins"
+def decide(
+    scores: dict[str, dict[str, float]], metrics: dict[str, Metric], gates: list[Gate], champion: str | None
+) -> list[Verdict]:
+    """The verdict on every measured metric (see the module docstring for the rules)."""
+    by_metric = {g.metric: g for g in gates}
+    table = []
+    for name, metric in metrics.items():
+        row = {role: s[name] for role, s in scores.items()}
+        passed, reason = judge(
+            name, metric.lower_is_better, row["candidate"], row.get("champion"), by_metric.get(name), champion
+        )
+        table.append(Verdict(name, metric.lower_is_better, row, by_metric.get(name), passed, reason))
+    return table
 
 
-def evaluate(
-    restorers: dict[str, RestoreFn], files: list[Path], degradation: DegradationConfig, cfg: PromoteConfig
-) -> tuple[dict[str, Scores], int]:
-    """Mean PSNR/SSIM of each model's restoration, and of the degraded input itself, over the set."""
-    sums = {role: Counter() for role in ("input", *restorers)}  # metric -> sum over the images
+def judge(
+    name: str, lower_is_better: bool, cand: float, champ: float | None, gate: Gate | None, champion: str | None
+) -> tuple[bool, str]:
+    """Whether the candidate's mean passes, and why."""
+    sign = -1.0 if lower_is_better else 1.0  # compare as higher-is-better
+    if math.isnan(cand) or sign * cand == -math.inf:
+        return False, f"{name} is {cand}: not a score"
+    if gate is None:
+        return True, f"{name} measured, not gated"
+    if gate.limit is not None and sign * cand < sign * gate.limit:
+        return False, f"{name} {cand:.4f} is beyond the limit {'<=' if lower_is_better else '>='} {gate.limit}"
+    if champ is None:
+        within = "" if gate.limit is None else f", within the limit {gate.limit}"
+        return True, f"{name} {cand:.4f}{within}; no champion to compare with"
+    compared = f"{name} {cand:.4f} vs v{champion}'s {champ:.4f} ({cand - champ:+.4f})"
+    # false when the champion's score is NaN: a broken champion holds no candidate back
+    if sign * cand < sign * champ - gate.margin:
+        return False, f"{compared}: worse by more than the margin {gate.margin}"
+    return True, f"{compared}: within the margin {gate.margin}"
+
+
+def heldout_means(
+    restorers: dict[str, RestoreFn],
+    files: list[Path],
+    degradation: DegradationConfig,
+    metrics: dict[str, Metric],
+    cfg: PromoteConfig,
+) -> tuple[dict[str, dict[str, float]], int]:
+    """Each metric's mean over the set, of each model's restoration and of the degraded input itself."""
+    sums = {role: dict.fromkeys(metrics, 0.0) for role in ("input", *restorers)}
     count = 0
     for count, hq in enumerate(islice(heldout_images(files), cfg.max_images), 1):
         hq = center_crop(hq, cfg.crop_size)
         lq, _ = degrade(hq, np.random.default_rng([cfg.seed, count]), degradation)
         if lq.shape != hq.shape:
             raise PromotionError(f"degradation {cfg.degradation} must give LQ images at the HQ size (resize back)")
-        sums["input"].update(image_metrics(lq, hq))
-        for role, restorer in restorers.items():
-            sums[role].update(image_metrics(restorer(lq, count), hq))
+        target = _nchw(hq, cfg.device)
+        outputs = {"input": lq} | {role: restore(lq, count) for role, restore in restorers.items()}
+        for role, image in outputs.items():
+            for metric, score in score_image(metrics, image, target).items():
+                sums[role][metric] += score
     if count == 0:
         raise PromotionError(f"held-out set {cfg.heldout} holds no images (image files or WebDataset .tar shards)")
-    return {role: Scores(**{k: v / count for k, v in s.items()}) for role, s in sums.items()}, count
+    return {role: {k: v / count for k, v in s.items()} for role, s in sums.items()}, count
+
+
+def score_image(metrics: dict[str, Metric], image: np.ndarray, target: torch.Tensor) -> dict[str, float]:
+    """Every metric of one restored image (HxWx3 in [0, 1]) against its HQ target (1x3xHxW)."""
+    if not np.isfinite(image).all():  # a diverged model's output is no image: no metric is defined on it
+        return dict.fromkeys(metrics, math.nan)
+    x = _nchw(image, target.device)
+    return {name: float(m(x, target if m.kind == "fr" else None)[0]) for name, m in metrics.items()}
+
+
+def _nchw(image: np.ndarray, device: str | torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None].to(device)
+
+
+def _number(x: float | None) -> float | str | None:
+    """JSON has no NaN or infinity: those become strings."""
+    return x if x is None or math.isfinite(x) else str(x)
 
 
 def _heldout_files(path: str) -> list[Path]:
@@ -225,20 +361,29 @@ def _restorer(model_dir: Path, cfg: PromoteConfig) -> RestoreFn:
 
 def format_summary(p: Promotion) -> str:
     lines = [f"{p.model}: candidate v{p.candidate} vs @{p.alias} " + (f"v{p.champion}" if p.champion else "(none)")]
-    if p.scores:
+    if p.table:
+        roles = [r for r in ROLES if r in p.table[0].scores]
+        heads = {"input": "input", "champion": f"champion v{p.champion}", "candidate": f"candidate v{p.candidate}"}
         lines.append(f"{p.images} held-out images")
-        lines.append(f"  {'':<10} {'version':>7} {'PSNR dB':>8} {'SSIM':>7}")
-        versions = {"input": "-", "champion": f"v{p.champion}", "candidate": f"v{p.candidate}"}
-        for role, version in versions.items():
-            if s := p.scores.get(role):
-                lines.append(f"  {role:<10} {version:>7} {s.psnr:8.3f} {s.ssim:7.4f}")
+        lines.append("| metric | " + " | ".join(heads[r] for r in roles) + " | margin | limit | verdict |")
+        lines.append("|---" * (len(roles) + 4) + "|")
+        for v in p.table:
+            arrow = "↓" if v.lower_is_better else "↑"
+            margin = "-" if v.gate is None else f"{v.gate.margin:g}"
+            limit = (
+                "-"
+                if v.gate is None or v.gate.limit is None
+                else f"{'<=' if v.lower_is_better else '>='} {v.gate.limit:g}"
+            )
+            cells = [f"{v.metric} {arrow}", *(f"{v.scores[r]:.4f}" for r in roles), margin, limit]
+            lines.append("| " + " | ".join(cells) + f" | {'pass' if v.passed else 'FAIL'}: {v.reason} |")
     lines.append(f"decision: {p.decision} ({p.reason})")
     if p.dry_run:
         lines.append("dry run: no alias moved, no tags written")
     elif p.decision == "promoted":
         lines.append(f"@{p.alias} -> v{p.candidate}")
     else:
-        lines.append(f"@{p.alias} stays at v{p.champion}")
+        lines.append(f"@{p.alias} stays at v{p.champion}" if p.champion else f"@{p.alias} names no version yet")
     return "\n".join(lines)
 
 

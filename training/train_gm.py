@@ -40,7 +40,6 @@ from torch import nn
 
 from diffbir.checkpoints.loading import load_model
 from diffbir.config import DiffusionConfig
-from diffbir.metrics import batch_metrics
 from diffbir.models.cldm import ControlLDM
 from diffbir.models.text_encoder import OpenCLIPTextEncoder, TextEncoderConfig
 from diffbir.models.unet import IRControlNet, UNetConfig
@@ -49,7 +48,7 @@ from diffbir.sampling.samplers import SAMPLERS, sample
 from diffbir.sampling.schedules import NoiseSchedule
 from pipelines.config import Location
 from training.config import TrainConfig
-from training.loop import autocast
+from training.loop import ValMetrics, autocast
 
 
 class GMConfig(TrainConfig):
@@ -80,6 +79,7 @@ class GMTask:
 
     def __init__(self, cfg: GMConfig, device: torch.device):
         self.cfg, self.device, self.diffusion = cfg, device, cfg.diffusion
+        self.val_metrics = ValMetrics(cfg.val_metrics, device)
         base = load_model(cfg.base_weights, num_head_channels=cfg.num_head_channels)
         stage1 = load_model(cfg.stage1_weights)
         self.stage1_name, stage1_part = next((n, p) for n, p in stage1.parts.items() if n in ("swinir", "stage1"))
@@ -136,7 +136,7 @@ class GMTask:
 
     @torch.no_grad()
     def validate(self, model: nn.Module, batch: dict) -> tuple[dict[str, float], list[torch.Tensor]]:
-        """A short sampling run from fixed noise: PSNR/SSIM of the restoration and of stage 1."""
+        """A short sampling run from fixed noise: the val_metrics of the restoration and of stage 1."""
         cldm = ControlLDM(self.unet, model, self.vae)
         hq01, lq = (batch["hq"].to(self.device) + 1) / 2, batch["lq"].to(self.device)
         model.eval()
@@ -149,8 +149,8 @@ class GMTask:
             z = sample(den, x_T, self.cfg.val_sampler, self.cfg.val_steps, noise=gaussian_noise(generator))
             restored = ((cldm.vae_decode(z).float() + 1) / 2).clamp(0, 1)
         model.train()
-        metrics = batch_metrics(restored, hq01) | {f"{k}_stage1": v for k, v in batch_metrics(stage1, hq01).items()}
-        return {f"val/{k}": v for k, v in metrics.items()}, [lq, stage1, restored, hq01]
+        metrics = self.val_metrics(restored, hq01) | self.val_metrics(stage1, hq01, "_stage1")
+        return metrics, [lq, stage1, restored, hq01]
 
     def export(self, model: nn.Module) -> dict[str, tuple[nn.Module, dict]]:
         modules = {

@@ -27,11 +27,10 @@ from torch import nn
 
 from diffbir.checkpoints.loading import load_model
 from diffbir.config import DiffusionConfig
-from diffbir.metrics import batch_metrics
 from diffbir.models.swinir import SwinIR, SwinIRConfig
 from pipelines.config import Location
 from training.config import TrainConfig
-from training.loop import autocast
+from training.loop import ValMetrics, autocast
 
 
 class RMConfig(TrainConfig):
@@ -47,6 +46,7 @@ class RMTask:
 
     def __init__(self, cfg: RMConfig, device: torch.device):
         self.cfg, self.device = cfg, device
+        self.val_metrics = ValMetrics(cfg.val_metrics, device)
         if cfg.init_weights:
             self.model = load_model(cfg.init_weights, parts=["swinir"]).stage1.float()
         else:
@@ -69,8 +69,8 @@ class RMTask:
         with autocast(self.cfg.precision, self.device):
             restored = model(lq).float().clamp(0, 1)
         model.train()
-        metrics = batch_metrics(restored, hq01) | {f"{k}_lq": v for k, v in batch_metrics(lq, hq01).items()}
-        return {f"val/{k}": v for k, v in metrics.items()}, [lq, restored, hq01]
+        metrics = self.val_metrics(restored, hq01) | self.val_metrics(lq, hq01, "_lq")
+        return metrics, [lq, restored, hq01]
 
     def export(self, model: nn.Module) -> dict[str, tuple[nn.Module, dict]]:
         return {"swinir": (model, model.config.model_dump())}

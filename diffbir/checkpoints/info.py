@@ -39,6 +39,7 @@ def describe(path: str | Path, num_head_channels: int = 64) -> dict:
             "description": "platform model directory (safetensors + model.json)",
             "parts": parts,
             "diffusion": manifest.diffusion.model_dump(),
+            "version": manifest.version,
         }
     lone = part_file_info(path)
     if lone is not None:
@@ -76,6 +77,8 @@ def format_description(info: dict) -> str:
         lines.append(f"      {config}")
     if "diffusion" in info:
         lines.append("  diffusion: " + ", ".join(f"{k}={v}" for k, v in info["diffusion"].items()))
+    if info.get("version"):
+        lines.append(f"  version: DiffBIR {info['version']} (restorations default to its preset)")
     if "ignored_keys" in info:
         ign = info["ignored_keys"]
         lines.append(f"  ignored: {ign['count']} keys no part reads (e.g. {', '.join(ign['first'])})")

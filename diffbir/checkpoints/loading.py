@@ -16,6 +16,7 @@ from diffbir.checkpoints.parts import PARTS, build_part, infer_config
 from diffbir.checkpoints.platform import STAGE1, ModelManifest, is_model_dir, load_part, read_manifest, save_model_dir
 from diffbir.config import DiffusionConfig
 from diffbir.models.cldm import LATENT_SCALE_FACTOR, ControlLDM
+from diffbir.presets import Version
 
 
 @dataclass
@@ -27,11 +28,13 @@ class LoadedPart:
 
 @dataclass
 class ModelBundle:
-    """Everything a restoration run needs; `cldm` is None when only stage 1 was given."""
+    """Everything a restoration run needs; `cldm` is None when only stage 1 was given. `version`:
+    the official release a converted model records (None for official files and trained models)."""
 
     parts: dict[str, LoadedPart]
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     latent_scale_factor: float = LATENT_SCALE_FACTOR
+    version: Version | None = None
 
     @property
     def stage1(self) -> nn.Module | None:
@@ -108,7 +111,7 @@ def load_model(
         loaded = {
             n: LoadedPart(load_part(paths[0], n, manifest), manifest.parts[n].config, str(paths[0])) for n in wanted
         }
-        return ModelBundle(loaded, diffusion or manifest.diffusion, manifest.latent_scale_factor)
+        return ModelBundle(loaded, diffusion or manifest.diffusion, manifest.latent_scale_factor, manifest.version)
     if any(Path(p).is_dir() for p in paths):
         raise CheckpointError(
             f"{[str(p) for p in paths if Path(p).is_dir()]}: "
@@ -125,16 +128,18 @@ def convert(
     out_dir: str | Path,
     *,
     diffusion: DiffusionConfig,
+    version: Version | None = None,
     num_head_channels: int = 64,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
 ) -> ModelManifest:
-    """Official files -> one platform model directory."""
+    """Official files -> one platform model directory (recording `version`, the release they are)."""
     bundle = load_model(paths, diffusion=diffusion, num_head_channels=num_head_channels)
     return save_model_dir(
         out_dir,
         {name: (p.module, p.config) for name, p in bundle.parts.items()},
         diffusion=diffusion,
+        version=version,
         sources={name: p.source for name, p in bundle.parts.items()},
         dtype=dtype,
         overwrite=overwrite,

@@ -1,7 +1,7 @@
 """The platform's own model format: a directory of safetensors files plus `model.json`.
 
     model.json            format marker, per-part file + architecture config, noise schedule,
-                          latent scale, and where each part came from
+                          latent scale, the official release it is, and where each part came from
     unet.safetensors      one file per part, in the package's own key names; each file's
     controlnet.safetensors   metadata names its part and config, so a lone file is self-describing
     ...
@@ -28,6 +28,7 @@ from diffbir.checkpoints.parts import PARTS, build_part
 from diffbir.config import DiffusionConfig
 from diffbir.models.cldm import LATENT_SCALE_FACTOR
 from diffbir.models.stage1 import load_spandrel_model
+from diffbir.presets import Version
 
 FORMAT = "diffbir-platform"
 MANIFEST = "model.json"
@@ -48,6 +49,8 @@ class ModelManifest(BaseModel):
     format_version: Literal[1] = 1
     parts: dict[str, PartEntry]
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    # the official release converted (its preset is the default of restorations); None: not one
+    version: Version | None = None
     latent_scale_factor: float = LATENT_SCALE_FACTOR
     notes: dict[str, str] = Field(default_factory=dict)
 
@@ -71,6 +74,7 @@ def save_model_dir(
     parts: dict[str, tuple[nn.Module, dict]],
     *,
     diffusion: DiffusionConfig,
+    version: Version | None = None,
     sources: dict[str, str] | None = None,
     dtype: torch.dtype | None = None,
     latent_scale_factor: float = LATENT_SCALE_FACTOR,
@@ -101,7 +105,9 @@ def save_model_dir(
                 source=(sources or {}).get(name),
                 num_parameters=sum(p.numel() for p in module.parameters()),
             )
-        manifest = ModelManifest(parts=entries, diffusion=diffusion, latent_scale_factor=latent_scale_factor)
+        manifest = ModelManifest(
+            parts=entries, diffusion=diffusion, version=version, latent_scale_factor=latent_scale_factor
+        )
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
         for f in tmp.iterdir():  # mkdtemp is private (0700); the result follows the umask
             os.chmod(f, 0o666 & ~umask)

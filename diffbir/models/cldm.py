@@ -36,8 +36,9 @@ class ControlLDM(nn.Module):
         return z * self.latent_scale_factor
 
     def vae_decode(self, z: torch.Tensor) -> torch.Tensor:
-        """scaled latent -> image in [-1, 1] (not clamped)."""
-        return self.vae.decode(z / self.latent_scale_factor).sample
+        """scaled latent (any float dtype: samplers keep theirs in float32) -> image in [-1, 1] (not
+        clamped), in the VAE's dtype."""
+        return self.vae.decode((z / self.latent_scale_factor).to(self.vae.dtype)).sample
 
     def condition_latent(self, image01: torch.Tensor) -> torch.Tensor:
         """c_RM: the stage-1 output (in [0, 1]) encoded to the scaled latent space. v1 weights
@@ -61,8 +62,11 @@ class ControlLDM(nn.Module):
         c_img: torch.Tensor,
         control_scale: float | Sequence[float] = 1.0,
     ) -> torch.Tensor:
-        """The raw network prediction (eps or v, depending on the weights)."""
+        """The raw network prediction (eps or v, depending on the weights), in the UNet's dtype:
+        the inputs are cast to it, so a float32 sampler state drives bf16/fp16 weights."""
         t = t.to(x_t.device).reshape(-1).expand(x_t.shape[0])
+        dtype = self.unet.dtype
+        x_t, c_txt, c_img = x_t.to(dtype), c_txt.to(dtype), c_img.to(dtype)
         down = mid = None
         if self.controlnet is not None:
             down, mid = self.controlnet(x_t, t, c_txt, c_img, scale=control_scale)

@@ -10,13 +10,16 @@ from diffbir.sampling.denoiser import (
     initial_latent,
     stored_noise,
 )
+from diffbir.sampling.edm import EDM_SAMPLERS, EDMOptions
 from diffbir.sampling.guidance import RestorationGuidance, guidance_loss, weight_map
 from diffbir.sampling.samplers import SAMPLERS, sample
 from diffbir.sampling.schedules import NoiseSchedule, SpacedSchedule, space_timesteps, train_betas
 
 __all__ = [
+    "EDM_SAMPLERS",
     "SAMPLERS",
     "Denoiser",
+    "EDMOptions",
     "NoiseFn",
     "NoiseSchedule",
     "RestorationGuidance",

@@ -7,6 +7,7 @@ Latents are "variance preserving": x_t = sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -59,6 +60,14 @@ class Step:
 X0Hook = Callable[[torch.Tensor, Step], torch.Tensor]
 
 
+def rescaled_cfg_scale(cfg_scale: float, t: float) -> float:
+    """The reference's rescale_cfg: the scale grows from 1 at t = 1000 to 1 + cfg_scale at t = 0,
+    1 + s (1 - cos(pi ((1000 - t) / 1000)^5)) / 2 (1000 hard-coded there too); unchanged for s <= 1."""
+    if cfg_scale <= 1:
+        return cfg_scale
+    return 1 + cfg_scale * (1 - math.cos(math.pi * ((1000 - t) / 1000) ** 5)) / 2
+
+
 def cfg_model(
     cldm,
     c_img: torch.Tensor,
@@ -66,18 +75,22 @@ def cfg_model(
     c_txt_neg: torch.Tensor | None = None,
     cfg_scale: float = 1.0,
     control_scale: float | Sequence[float] = 1.0,
+    rescale_cfg: bool = False,
 ) -> ModelFn:
     """ControlLDM with classifier-free guidance: uncond + cfg * (cond - uncond), the positive
-    prompt evaluated first (as the reference); one call only when cfg_scale == 1."""
+    prompt evaluated first (as the reference); one call only when cfg_scale == 1. `rescale_cfg`:
+    the scale at timestep t is rescaled_cfg_scale(cfg_scale, t). The network runs in its own dtype;
+    its outputs come back in x_t's (the sampler state: float32), where the guidance arithmetic is done."""
     if cfg_scale != 1.0 and c_txt_neg is None:
         raise ValueError("classifier-free guidance needs a negative prompt context")
 
     def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        cond = cldm(x_t, t, c_txt, c_img, control_scale)
+        cond = cldm(x_t, t, c_txt, c_img, control_scale).to(x_t.dtype)
         if cfg_scale == 1.0:
             return cond
-        uncond = cldm(x_t, t, c_txt_neg, c_img, control_scale)
-        return uncond + cfg_scale * (cond - uncond)
+        uncond = cldm(x_t, t, c_txt_neg, c_img, control_scale).to(x_t.dtype)
+        scale = rescaled_cfg_scale(cfg_scale, t.reshape(-1)[0].item()) if rescale_cfg else cfg_scale
+        return uncond + scale * (cond - uncond)
 
     return model
 

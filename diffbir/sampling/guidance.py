@@ -114,10 +114,10 @@ class RestorationGuidance:
         with torch.enable_grad():
             x0 = x0.detach().requires_grad_(rgb)
             pred = self.cldm.vae_decode(x0) if rgb else x0
-            leaf = pred.detach().requires_grad_(True)
+            leaf = pred.detach().float().requires_grad_(True)  # the loss in float32 whatever the VAE's dtype
             loss = guidance_loss(leaf, target, self.weight)
             g = -self.scale * torch.autograd.grad(loss, leaf)[0]
-            delta = torch.autograd.grad(pred, x0, g)[0] if rgb else g
+            delta = torch.autograd.grad(pred, x0, g.to(pred.dtype))[0] if rgb else g
         self.losses.append(loss.item())
         return GuidanceUpdate(x0.detach() + delta / coef, self.losses[-1], g, delta, pred.detach(), target)
 
@@ -125,7 +125,7 @@ class RestorationGuidance:
         with torch.no_grad():
             pred = tiled_vae_decode(self.cldm, x0, *self.decode_tiles)
         with torch.enable_grad():
-            leaf = pred.requires_grad_(True)
+            leaf = pred.float().requires_grad_(True)
             loss = guidance_loss(leaf, target, self.weight)
             g = -self.scale * torch.autograd.grad(loss, leaf)[0]
         delta = tiled_vae_decode_vjp(self.cldm, x0, g, *self.decode_tiles)

@@ -19,6 +19,8 @@ Which code computes what:
   DPMSolverMultistep's third-order SDE update has the opposite sign on the 0.5 of its second-
   difference term (an O(1) instead of an O(h) weight; k-diffusion defines DPM++ 3M SDE).
   DPMSolverSDEScheduler is DPM++ SDE (single step, torchsde), not one of these.
+* "edm_*": the official v2.1 path (diffbir.sampling.edm): k-diffusion's solvers on the reference's
+  own sigma schedule (sigma_max 1e4, nearest-sigma timesteps), with their EDMOptions.
 
 The k-diffusion functions work in sigma space like k-diffusion (x = x0 + sigma * eps, starting at
 x_T * sqrt(1 + sigma_max^2)); `sample()` takes and returns the variance-preserving latent for all.
@@ -34,6 +36,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 
 from diffbir.config import DiffusionConfig
 from diffbir.sampling.denoiser import Denoiser, NoiseFn, Step, X0Hook, gaussian_noise
+from diffbir.sampling.edm import EDM_SAMPLERS, EDMOptions, sample_edm
 from diffbir.sampling.schedules import SpacedSchedule, train_betas
 
 Callback = Callable[[int, torch.Tensor], None]
@@ -215,8 +218,9 @@ _DIFFUSERS = {  # name: (scheduler class, its options)
     "dpmpp_2m_sde": (DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++", use_karras_sigmas=True)),
 }
 _K_DIFFUSION = {"euler_ancestral": sample_euler_ancestral, "heun": sample_heun, "dpmpp_3m_sde": sample_dpmpp_3m_sde}
-SAMPLERS = ("ddpm", *_DIFFUSERS, *_K_DIFFUSION)
-STOCHASTIC = frozenset({"ddpm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"})  # draw noise every step
+SAMPLERS = ("ddpm", *_DIFFUSERS, *_K_DIFFUSION, *EDM_SAMPLERS)
+# the platform's samplers that draw noise every step (the EDM solvers all take a noise function)
+STOCHASTIC = frozenset({"ddpm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"})
 
 
 def make_scheduler(sampler: str, cfg: DiffusionConfig, steps: int):
@@ -237,11 +241,17 @@ def sample(
     x0_hook: X0Hook | None = None,
     noise: NoiseFn | None = None,
     callback: Callback | None = None,
+    edm: EDMOptions | None = None,
 ) -> torch.Tensor:
     """Sample z_0 from x_T, the variance-preserving latent at the last training timestep (every
-    sampler here starts there), with `steps` steps of `sampler` (one of SAMPLERS)."""
+    sampler here starts there), with `steps` steps of `sampler` (one of SAMPLERS); `edm`: the
+    hyper-parameters of the edm_* solvers."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if sampler in EDM_SAMPLERS:
+        return sample_edm(
+            den, x_T, sampler, steps, options=edm, x0_hook=x0_hook, noise=noise or gaussian_noise(), callback=callback
+        )
     hooks = dict(x0_hook=x0_hook, callback=callback)
     if sampler in STOCHASTIC:
         hooks["noise"] = noise or gaussian_noise()

@@ -148,6 +148,7 @@ def cldm_tiled_denoiser(
     uncond_txt: torch.Tensor | None = None,
     cfg_scale: float = 1.0,
     tile_batch: int = 1,
+    rescale_cfg: bool = False,
 ) -> ModelFn:
     """The tiled denoiser of a ControlLDM: each tile sees its crop of the condition latent c_img,
     with classifier-free guidance as `cfg_model` (uncond_txt is the negative prompt's context)."""
@@ -157,7 +158,7 @@ def cldm_tiled_denoiser(
         n = x.shape[0] // k
         c = torch.cat([c_img[..., y0:y1, x0:x1].expand(n, -1, -1, -1) for y0, y1, x0, x1 in windows])
         rows = lambda txt: None if txt is None else txt.expand(n, -1, -1).repeat(k, 1, 1)  # noqa: E731
-        return cfg_model(cldm, c, rows(c_txt), rows(uncond_txt), cfg_scale, control_scale)(x, t)
+        return cfg_model(cldm, c, rows(c_txt), rows(uncond_txt), cfg_scale, control_scale, rescale_cfg)(x, t)
 
     return tiled_denoiser(tile_fn, tile_size, tile_stride, tile_batch)
 
@@ -236,6 +237,9 @@ def tiled_vae_decode_vjp(
             tile = z[..., y : y + th, x : x + tw].detach().requires_grad_(True)
             with torch.enable_grad():
                 decoded = cldm.vae_decode(tile)
-            share = grad_image[..., y * 8 : (y + th) * 8, x * 8 : (x + tw) * 8] * (wy[i][:, None] * wx[j]).to(decoded)
+            share = grad_image[..., y * 8 : (y + th) * 8, x * 8 : (x + tw) * 8] * (wy[i][:, None] * wx[j]).to(
+                grad_image
+            )
+            share = share.to(decoded.dtype)  # the decoder's dtype; the gradient comes back in z's
             out[..., y : y + th, x : x + tw] += torch.autograd.grad(decoded, tile, share)[0]
     return out
