@@ -2,6 +2,7 @@
 overhead over restoration alone on the same images.
 
     python benchmarks/evaluate_overhead.py [--images 8] [--steps 10] [--metrics psnr ssim ...] [--model DIR]
+        [--weights '{"lpips": FILE}' | --random-weights]
 
 Metrics: each built once (diffbir.metrics.build_metric, learned ones from --weights), warmed up,
 then timed over `images` crops of real photos against their degraded copies (no-reference
@@ -41,7 +42,7 @@ from diffbir.checkpoints.platform import is_model_dir, save_model_dir
 from diffbir.checkpoints.tiny import write_keyed_files
 from diffbir.config import load_config, parse_config
 from diffbir.image_io import decode_image, encode_image
-from diffbir.metrics import MetricsConfig, build_metric
+from diffbir.metrics import MetricsConfig, build_metric, random_weights
 from diffbir.pipeline import RestorationPipeline, RestoreOptions, name_seed
 from pipelines.degradations import degrade, load_degradation
 from pipelines.ray_env import ensure_ray
@@ -59,6 +60,9 @@ class BenchConfig(BaseModel):
     metrics: list[str] = Field(["psnr", "ssim"], description="metrics to time (learned ones need --weights)")
     weights: dict[str, str] = Field(default_factory=dict, description="learned metric -> local weights file")
     model: str | None = Field(None, description="platform model directory (default: the tiny model, made if missing)")
+    random_weights: bool = Field(
+        False, description="learned metrics without --weights get seeded random weights of their own network"
+    )
 
 
 def photo_crops(n: int, size: int) -> list[np.ndarray]:
@@ -113,10 +117,12 @@ def main(argv: list[str] | None = None) -> None:
     hq = photo_crops(cfg.images, cfg.size)
     degradation = load_degradation("realesrgan")
     lq = [degrade(img, i, degradation)[0] for i, img in enumerate(hq)]
-    per_metric = metric_seconds(cfg, hq, lq)
-
-    ensure_ray()
     with tempfile.TemporaryDirectory() as tmp:
+        if cfg.random_weights:  # a metric's cost does not depend on its weights' values
+            missing = [n for n in cfg.metrics if n not in ("psnr", "ssim", *cfg.weights)]
+            cfg = cfg.model_copy(update={"weights": cfg.weights | {n: str(random_weights(n, tmp)) for n in missing}})
+        per_metric = metric_seconds(cfg, hq, lq)
+        ensure_ray()
         folder = Path(tmp) / "hq"
         folder.mkdir()
         for i, img in enumerate(hq):

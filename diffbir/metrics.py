@@ -465,3 +465,33 @@ def frechet_distance(features: np.ndarray, reference: FeatureGaussian) -> float:
     m = x @ reference.sigma @ x.T if n <= d else reference.root @ (x.T @ x) @ reference.root
     tr_root = np.sqrt(np.linalg.eigvalsh(m).clip(0)).sum()
     return float(((mu - reference.mu) ** 2).sum() + (x**2).sum() + np.trace(reference.sigma) - 2 * tr_root)
+
+
+def random_weights(name: str, folder: str | Path) -> Path:
+    """A weights file of learned metric `name` (or "fid") with seeded random weights in its own
+    network (learned_network), written into `folder`: what tests and benchmarks use where the
+    published files cannot be had (the cost of a metric does not depend on its weights)."""
+    import scipy.io
+    from safetensors.torch import save_model
+
+    folder = Path(folder)
+
+    torch.manual_seed(0)
+    if name == "niqe":  # a pristine-image model: a mean and a covariance of NIQE's 36 features
+        rng = np.random.default_rng(0)
+        a = rng.normal(size=(36, 36))
+        path = folder / "niqe_modelparameters.mat"
+        scipy.io.savemat(path, {"mu_prisparam": rng.normal(size=(1, 36)), "cov_prisparam": a @ a.T / 36 + np.eye(36)})
+        return path
+    net = learned_network(name)
+    with torch.no_grad():
+        if name.startswith("lpips"):
+            for lin in net.lins:  # trained LPIPS weighs feature distances, never negatively
+                lin.model[-1].weight.abs_()
+        if name == "fid":  # torchvision's default init fades to nothing over Inception's depth
+            for m in net.modules():
+                if isinstance(m, torch.nn.Conv2d):
+                    torch.nn.init.kaiming_normal_(m.weight)
+    path = folder / f"{name}.safetensors"
+    save_model(net, str(path))  # save_model: LPIPS holds its linear layers under two names
+    return path

@@ -224,35 +224,6 @@ def kill_when_a_shard_is_done(proc, shard_dir: Path, timeout: float) -> None:
 # ---- learned metrics: weight files of random weights (test_metrics, test_evaluate)
 
 
-def random_weights(name: str, folder: Path) -> Path:
-    """A weights file of learned metric `name` (or "fid") with random weights, in `folder`: its own
-    network (diffbir.metrics.learned_network) seeded, saved with safetensors."""
-    import scipy.io
-    from safetensors.torch import save_model
-
-    from diffbir.metrics import learned_network
-
-    torch.manual_seed(0)
-    if name == "niqe":  # a pristine-image model: a mean and a covariance of NIQE's 36 features
-        rng = np.random.default_rng(0)
-        a = rng.normal(size=(36, 36))
-        path = folder / "niqe_modelparameters.mat"
-        scipy.io.savemat(path, {"mu_prisparam": rng.normal(size=(1, 36)), "cov_prisparam": a @ a.T / 36 + np.eye(36)})
-        return path
-    net = learned_network(name)
-    with torch.no_grad():
-        if name.startswith("lpips"):
-            for lin in net.lins:  # trained LPIPS weighs feature distances, never negatively
-                lin.model[-1].weight.abs_()
-        if name == "fid":  # torchvision's default init fades to nothing over Inception's depth
-            for m in net.modules():
-                if isinstance(m, torch.nn.Conv2d):
-                    torch.nn.init.kaiming_normal_(m.weight)
-    path = folder / f"{name}.safetensors"
-    save_model(net, str(path))  # save_model: LPIPS holds its linear layers under two names
-    return path
-
-
 # ---- registry: a real MLflow store and tiny platform models (test_registry, test_promote, serving)
 
 

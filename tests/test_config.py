@@ -102,6 +102,7 @@ def _entry_points() -> dict[str, tuple]:
     from pipelines.filter_laion import FilterLaionConfig
     from serving.archive import ArchiveConfig
     from serving.config import ServeConfig
+    from training.evaluate import EvalConfig
     from training.promote import PromoteConfig
     from training.train_gm import GMConfig
     from training.train_rm import RMConfig
@@ -114,6 +115,7 @@ def _entry_points() -> dict[str, tuple]:
         "python training/train_rm.py": RMConfig,
         "python training/train_gm.py": GMConfig,
         "python training/promote.py": PromoteConfig,
+        "python -m training.evaluate": EvalConfig,
         "python infra/demo.py": infra_demo().DemoConfig,
         "python tests/golden/refresh.py": script_module("tests/golden/refresh.py").RefreshConfig,
     }
@@ -154,7 +156,8 @@ def entry_points():
 
 def test_every_entry_point_takes_every_field_of_its_config(entry_points):
     assert {"diffbir restore", "python -m pipelines.filter_laion", "python -m pipelines.feed"} <= set(entry_points)
-    assert len([c for c in entry_points if c.startswith("python benchmarks/")]) == 9
+    scripts = {f"python benchmarks/{p.name}" for p in (ROOT / "benchmarks").glob("*.py")}
+    assert scripts and scripts <= set(entry_points)  # every benchmark script is an entry point here
     for command, (parser, cls) in entry_points.items():
         actions = {a.dest: a for a in _actions(parser, command)}
         assert set(actions) - {"help"} == _arguments(cls) | {"config"}, command
@@ -184,7 +187,7 @@ def documented_commands() -> list[tuple[str, str]]:
         text = (ROOT / doc).read_text().replace("\\\n", " ")
         for match in COMMAND.finditer(text):
             command = match.group(1)
-            if "..." not in command and not re.match(r"python3? -c ", command):  # elided, or inline code
+            if "..." not in command and not re.match(r"python3? (-c|-) ", command):  # elided, or inline code
                 found.append((doc, command))
     return found
 

@@ -20,13 +20,13 @@ from skimage import data
 
 from diffbir.config import load_config
 from diffbir.image_io import decode_image, encode_image
-from diffbir.metrics import FID, MetricsConfig, psnr, ssim
+from diffbir.metrics import FID, MetricsConfig, psnr, random_weights, ssim
 from pipelines.degradations import degrade, load_degradation
 from training import evaluate as ev
 from training import registry
 from training.evaluate import EvalConfig, EvalError, degradation_seed
 
-from conftest import new_run, random_weights, save_tiny
+from conftest import new_run, save_tiny
 
 TINY_YAML = Path(ev.__file__).parent / "configs" / "eval_tiny.yaml"
 # 64x64 crops of real photos (one in a subfolder: folders are read recursively)

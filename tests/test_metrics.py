@@ -33,10 +33,9 @@ from diffbir.metrics import (
     frechet_distance,
     learned_network,
     psnr,
+    random_weights,
     ssim,
 )
-
-from conftest import random_weights
 
 WANG = dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False)  # Wang et al. 2004's SSIM
 FLOAT = MetricConvention(uint8=False)
