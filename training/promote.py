@@ -221,7 +221,7 @@ def promote(cfg: PromoteConfig) -> Promotion:
         **cfg.model_dump(mode="json", include={"metrics", "degradation", "seed", "crop_size", "sampling_steps"}),
         timestamp=now.isoformat(),
     )
-    key = f"promotion.{now:%Y%m%dT%H%M%S}Z.v{candidate}_vs_{f'v{champion}' if champion else 'none'}"
+    key = f"promotion.{now:%Y%m%dT%H%M%S%f}Z.v{candidate}_vs_{f'v{champion}' if champion else 'none'}"
     for v in versions.values():
         registry.set_tags(name, v, {key: json.dumps(record, allow_nan=False)})
     return result
