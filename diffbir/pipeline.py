@@ -1,6 +1,15 @@
 """RestorationPipeline: stage 1 -> condition latent -> sampling (+ restoration guidance) ->
 decode -> wavelet colour fix -> resize, for batches of images of any size.
 
+The order is the official inference's (reference HEAD `diffbir/pipeline.py`): the colour fix takes
+the decoded image cropped to the working size (not the padded canvas), unclamped, with the stage-1
+image as its style, and the result is clamped only when it is resized to the output. Stage 1 gets
+no clamp either. The DiffBIR SwinIR variant sees its input resized to the working size first (it
+was trained on bicubic-upsampled LQ); every other stage-1 net (SCUNet, BSRNet, spandrel's) runs at
+the input's own size and its output is resized, as the official SCUNet and BSRNet pipelines do.
+One deliberate difference: a batch pads its canvas by replicating the border (the reference pads
+with zeros), so no black frame leaks into the condition or the guidance target of a padded image.
+
 Sizes follow the paper: the output is the input times `upscale`; when its short side is under
 `min_side` (512) the work is done at a size scaled up to it, and the result resized back.
 Everything large runs in tiles (stage 1, VAE, the denoiser), so memory stays flat as images grow.
@@ -10,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -69,7 +79,7 @@ class RestoreOptions(BaseModel):
     tiled: bool | None = Field(None, description="None: tile when the image exceeds one tile")
     tile_size: int = Field(512, ge=64, description="image pixels (stage 1, VAE encode); latent tiles are /8")
     tile_stride: int = Field(256, ge=8)
-    seed: int = 231
+    seed: int = Field(231, ge=0, lt=2**64, description="sampling seed (torch.Generator's range)")
 
     @model_validator(mode="after")
     def _apply_preset(self) -> RestoreOptions:
@@ -140,7 +150,9 @@ class RestorationPipeline:
         self.stage1_scale = 1 if swinir else int(bundle.parts["stage1"].config.get("scale", 1))
         # DiffBIR SwinIR needs whole windows after unshuffling; spandrel nets pad themselves
         self.stage1_multiple = swinir.module.config.pad_multiple if swinir else 1
-        self._contexts: dict[str, torch.Tensor] = {}
+        self.stage1_resizes_first = swinir is not None
+        self.contexts: OrderedDict[str, torch.Tensor] = OrderedDict()  # text contexts by prompt, LRU first
+        self.context_cache_size = 64  # text contexts kept, least recently used dropped first
 
     @classmethod
     def from_pretrained(
@@ -173,20 +185,23 @@ class RestorationPipeline:
 
     def _context(self, prompt: str) -> torch.Tensor:
         """Text context; without a text tower (tiny test models) a null context of the UNet width."""
-        if prompt not in self._contexts:
-            if self.cldm.text_encoder is not None:
-                ctx = self.cldm.text_context([prompt])
-            else:
-                width = self.cldm.unet.config.cross_attention_dim
-                ctx = torch.zeros(1, 77, width)
-            self._contexts[prompt] = ctx.to(self.device, self.dtype)
-        return self._contexts[prompt]
+        if prompt in self.contexts:
+            self.contexts.move_to_end(prompt)
+            return self.contexts[prompt]
+        if self.cldm.text_encoder is not None:
+            ctx = self.cldm.text_context([prompt]).to(self.device, self.dtype)
+        else:
+            ctx = torch.zeros(1, 77, self.cldm.unet.config.cross_attention_dim, device=self.device, dtype=self.dtype)
+        self.contexts[prompt] = ctx
+        while len(self.contexts) > self.context_cache_size:
+            self.contexts.popitem(last=False)
+        return ctx
 
     @torch.no_grad()
     def run_stage1(self, lq: torch.Tensor, work: tuple[int, int], opts: RestoreOptions) -> torch.Tensor:
-        """(1,3,h,w) in [0,1] -> the stage-1 restoration at the working size, in [0,1] (in lq's dtype)."""
+        """(1,3,h,w) in [0,1] -> the stage-1 restoration at the working size, unclamped (in lq's dtype)."""
         dtype, lq = lq.dtype, lq.float()
-        if self.stage1_scale == 1:
+        if self.stage1_resizes_first:
             lq = _resize(lq, work)
         tile = opts.tiled if opts.tiled is not None else max(lq.shape[-2:]) > opts.tile_size
         if tile:
@@ -203,7 +218,7 @@ class RestorationPipeline:
             m = self.stage1_multiple
             out = self.stage1(_pad(lq, (math.ceil(h / m) * m, math.ceil(w / m) * m)))
             out = out[..., : h * self.stage1_scale, : w * self.stage1_scale]
-        return _resize(out, work).clamp(0, 1).to(dtype)
+        return _resize(out, work).to(dtype)
 
     @torch.no_grad()
     def __call__(
@@ -212,16 +227,17 @@ class RestorationPipeline:
         """Restore a batch: RGB float (H, W, 3) arrays in [0, 1] of any sizes -> restored arrays.
         Image i uses seed `seeds[i]` (default opts.seed + i), independent of its batch mates."""
         opts = self.options(opts)
-        seeds = list(seeds) if seeds is not None else [opts.seed + i for i in range(len(images))]
+        seeds = list(seeds) if seeds is not None else [(opts.seed + i) % 2**64 for i in range(len(images))]
         plans = [plan_sizes(im.shape[0], im.shape[1], opts.scale, opts.min_side) for im in images]
         canvases = [canvas_size(im.shape[0], im.shape[1], opts) for im in images]
         H, W = max(h for h, _ in canvases), max(w for _, w in canvases)  # the batch's common size
-        clean = [_pad(self.run_stage1(self._tensor(im), work, opts), (H, W)) for im, (_, work) in zip(images, plans)]
-        clean = torch.cat(clean)
-        restored = self._diffuse(clean, opts, seeds)
+        clean = [self.run_stage1(self._tensor(im), work, opts) for im, (_, work) in zip(images, plans)]
+        decoded = self._diffuse(torch.cat([_pad(c, (H, W)) for c in clean]), opts, seeds)
         out = []
         for i, (size, work) in enumerate(plans):
-            img = restored[i : i + 1, :, : work[0], : work[1]]
+            img = decoded[i : i + 1, :, : work[0], : work[1]]
+            if opts.color_fix == "wavelet":
+                img = wavelet_reconstruction(img, clean[i].float())
             out.append(_to_numpy(_resize(img, size)))
         return out
 
@@ -261,7 +277,8 @@ class RestorationPipeline:
         return results
 
     def _diffuse(self, clean: torch.Tensor, opts: RestoreOptions, seeds: Sequence[int]) -> torch.Tensor:
-        """Stage-1 images (N,3,H,W) in [0,1], H and W multiples of 64 -> restored images in [0,1]."""
+        """Stage-1 images (N,3,H,W) in [0,1], H and W multiples of 64 -> decoded images, (x + 1) / 2
+        unclamped (float32)."""
         cldm, n = self.cldm, clean.shape[0]
         tiled = opts.tiled if opts.tiled is not None else max(clean.shape[-2:]) > opts.tile_size
         latent_tile, latent_stride = opts.tile_size // 8, opts.tile_stride // 8
@@ -305,14 +322,11 @@ class RestorationPipeline:
                 t_start=opts.guidance_start,
                 t_stop=opts.guidance_stop,
                 noise=noise,
-                decode_tiles=(latent_tile, latent_tile - latent_stride) if tiled else None,
+                tiles=(latent_tile, latent_tile - latent_stride) if tiled else None,
             )
         z = sample(den, x_T, opts.sampler, opts.steps, x0_hook=hook, noise=noise, edm=opts.edm)
         decoded = tiled_vae_decode(cldm, z, latent_tile, latent_tile - latent_stride) if tiled else cldm.vae_decode(z)
-        restored = ((decoded.float() + 1) / 2).clamp(0, 1)
-        if opts.color_fix == "wavelet":
-            restored = wavelet_reconstruction(restored, clean.float())
-        return restored
+        return (decoded.float() + 1) / 2
 
 
 def name_seed(name: str, base: int) -> int:

@@ -177,8 +177,11 @@ def plan_dedup(table: pd.DataFrame, config: DedupConfig | None = None) -> pd.Dat
 
 def dedup(records: ray.data.Dataset, config: DedupConfig | None = None) -> tuple[ray.data.Dataset, dict[str, int]]:
     """Drop duplicates from quality-stage rows (a Ray dataset; materialise it first, it is read
-    twice). Returns (kept rows, removed counts by reason)."""
-    plan = plan_dedup(records.select_columns(DEDUP_COLUMNS).to_pandas(), config)
+    twice). Returns (kept rows, removed counts by reason); no rows: nothing removed."""
+    table = records.select_columns(DEDUP_COLUMNS).to_pandas()
+    if table.empty:  # Ray's pandas of an empty dataset has no columns at all
+        return records, {}
+    plan = plan_dedup(table, config)
     drop = pa.array(plan.loc[plan["dup_reason"].notna(), "key"], pa.string())
 
     def keep(batch: pa.Table) -> pa.Table:

@@ -36,6 +36,7 @@ import cv2
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import ray.data
 import torch
@@ -48,9 +49,9 @@ from diffbir.config import Arg, parse_config
 from diffbir.image_io import READABLE_SUFFIXES, decode_image
 from pipelines.config import Degradation, Location
 from pipelines.degradations import degrade, load_degradation
-from pipelines.shards import atomic_write, write_tar
+from pipelines.shards import SHARD_INDEX, atomic_write, write_tar
 
-# index_samples: where each sample's image bytes lie (not pipelines.shards' index.parquet)
+# index_samples: where each sample's image bytes lie (built from the shards pipelines.shards' index lists)
 FEED_INDEX_SCHEMA = pa.schema(
     [("url", pa.string()), ("key", pa.string()), ("offset", pa.int64()), ("size", pa.int64()), ("caption", pa.string())]
 )
@@ -64,7 +65,8 @@ class FeedConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     data: Location = Field(
-        description="WebDataset shards (directory, glob or fsspec URL of *.tar) or a folder of images"
+        description="WebDataset shards (the data pipeline's output directory, read by its index.parquet; "
+        "a directory, glob or fsspec URL of *.tar) or a folder of images"
     )
     crop_size: int = Field(512, ge=8, description="side of the random square crop")
     degradation: Degradation = Field(
@@ -90,12 +92,19 @@ class FeedConfig(BaseModel):
 
 def index_samples(source: str) -> pa.Table:
     """Every sample of `source` as (url, key, offset, size, caption) in a fixed order: shards by
-    name, samples in tar order; or images by path, their caption from a sibling `.txt` file."""
+    name, samples in tar order; or images by path, their caption from a sibling `.txt` file.
+    A directory with the data pipeline's `index.parquet` is read as the shards that index lists
+    (a stale or stray tar beside them is not); one without, as its *.tar."""
     fs, path = fsspec.core.url_to_fs(source)
+    index = f"{path.rstrip('/')}/{SHARD_INDEX}"
     if any(c in path for c in "*?["):
         tars = sorted(fs.glob(path))
     elif path.endswith(".tar"):
         tars = [path]
+    elif fs.isfile(index):
+        tars = _listed_shards(fs, index)
+        if not tars:
+            raise FileNotFoundError(f"no samples at {source}: its {SHARD_INDEX} lists no shards")
     else:
         tars = sorted(fs.glob(path.rstrip("/") + "/*.tar"))
     if tars:
@@ -108,6 +117,13 @@ def index_samples(source: str) -> pa.Table:
             f"no samples at {source}: expected *.tar WebDataset shards or {' '.join(READABLE_SUFFIXES)} images"
         )
     return pa.Table.from_pylist(rows, schema=FEED_INDEX_SCHEMA)
+
+
+def _listed_shards(fs: fsspec.AbstractFileSystem, index: str) -> list[str]:
+    """The paths of the shards the pipeline's index lists, by name (names are relative to it)."""
+    with fs.open(index, "rb") as f:
+        names = set(pq.read_table(f, columns=["shard"])["shard"].to_pylist())
+    return [posixpath.join(posixpath.dirname(index), name) for name in sorted(names)]
 
 
 def _index_tar(fs: fsspec.AbstractFileSystem, path: str) -> list[dict]:

@@ -166,12 +166,30 @@ def _count_reasons(block: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"reason": counts.index.astype(str), "rows": counts.to_numpy()})
 
 
+def _replace_dir(fs: fsspec.AbstractFileSystem, new: str, path: str) -> None:
+    """Put the complete directory `new` in place of `path`. Locally both are renames: `path`
+    holds the old files or the new ones, never a mix (object stores copy, without that promise)."""
+    old = f"{path}.old-{uuid.uuid4().hex}"
+    if fs.exists(path):
+        fs.mv(path, old, recursive=True)
+    fs.mv(new, path, recursive=True)
+    if fs.exists(old):
+        fs.rm(old, recursive=True)
+
+
+def _remove_leftovers(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """What a killed run left beside `path`: its unfinished output, or the output it replaced."""
+    for leftover in fs.glob(f"{path}.tmp-*") + fs.glob(f"{path}.old-*"):
+        fs.rm(leftover, recursive=True)
+
+
 def prefilter(
     inputs: str | Path | Sequence[str | Path], output_dir: str | Path, config: PrefilterConfig | None = None
 ) -> PrefilterResult:
     """Filter LAION metadata parquet (`inputs`: files, directories, globs or fsspec URLs) into
     parquet files of kept rows (all input columns) under `output_dir`, which is replaced only
-    once the new output is complete. Returns and logs the counts per rejection reason."""
+    once the new output is complete; no temporary folder outlives the call (one a killed run left
+    is removed by the next). Returns and logs the counts per rejection reason."""
     config = config or PrefilterConfig()
     fs, paths = parquet_files(inputs)
     check_schemas(fs, paths, config)
@@ -195,13 +213,16 @@ def prefilter(
         kept = kept.groupby(_URL_BUCKET).map_groups(_one_per_url, batch_format="pandas").drop_columns([_URL_BUCKET])
     kept = kept.drop_columns([_REJECT, _URL_KEY])
 
-    out_fs, out_path = fsspec.core.url_to_fs(str(output_dir))
-    tmp = f"{out_path.rstrip('/')}.tmp-{uuid.uuid4().hex}"
-    out_fs.makedirs(tmp, exist_ok=True)
-    kept.write_parquet(tmp, filesystem=PyFileSystem(FSSpecHandler(out_fs)))
-    if out_fs.exists(out_path):
-        out_fs.rm(out_path, recursive=True)
-    out_fs.mv(tmp, out_path, recursive=True)
+    out_fs, out_path = fsspec.core.url_to_fs(str(output_dir).rstrip("/"))
+    _remove_leftovers(out_fs, out_path)
+    tmp = f"{out_path}.tmp-{uuid.uuid4().hex}"
+    try:
+        out_fs.makedirs(tmp, exist_ok=True)
+        kept.write_parquet(tmp, filesystem=PyFileSystem(FSSpecHandler(out_fs)))
+        _replace_dir(out_fs, tmp, out_path)
+    finally:
+        if out_fs.exists(tmp):  # the write failed
+            out_fs.rm(tmp, recursive=True)
 
     files = sorted(out_fs.glob(f"{out_path}/*.parquet"))
     n_kept = 0

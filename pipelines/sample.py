@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -48,6 +48,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 FORMAT = "diffbir-laion-sample/1"
 STAGES = ("prefilter", "download", "quality", "dedup")
 SEED = 20240229
+DRIP_BYTES = 1024  # piece size of the server's /drip/ route
 # Photos in the scikit-image wheel (read as files: importing skimage.io takes seconds).
 SKIMAGE_FILES = (
     "astronaut.png",
@@ -79,9 +80,11 @@ class SampleServer:
     """Threaded HTTP server on 127.0.0.1 (`port`, default ephemeral) for the files in `root`.
 
     `/img/<name>` answers at once, `/slow/<name>` only after `slow_seconds` (or drops the
-    connection when the server stops), anything else is a 404. The content type follows the
-    file extension, so an HTML page saved as `.jpg` is served as image/jpeg, as broken sites do.
-    Use as a context manager; `base_url` is known as soon as it is constructed.
+    connection when the server stops), `/drip/<name>?seconds=S` sends the body without a
+    Content-Length in pieces of DRIP_BYTES spread over S seconds (default `slow_seconds`), as a
+    stalling server does; anything else is a 404. The content type follows the file extension,
+    so an HTML page saved as `.jpg` is served as image/jpeg, as broken sites do. Use as a context
+    manager; `base_url` is known as soon as it is constructed.
     """
 
     def __init__(self, root: str | Path, slow_seconds: float = 30.0, port: int = 0):
@@ -98,9 +101,10 @@ class SampleServer:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                route, _, name = urlsplit(self.path).path.lstrip("/").partition("/")
+                url = urlsplit(self.path)
+                route, _, name = url.path.lstrip("/").partition("/")
                 path = server.root / name
-                if route not in ("img", "slow") or "/" in name or not path.is_file():
+                if route not in ("img", "slow", "drip") or "/" in name or not path.is_file():
                     self.send_error(404)
                     return
                 if route == "slow" and server._stopping.wait(server.slow_seconds):
@@ -108,12 +112,25 @@ class SampleServer:
                 body = path.read_bytes()
                 self.send_response(200)
                 self.send_header("Content-Type", mimetypes.guess_type(name)[0] or "application/octet-stream")
-                self.send_header("Content-Length", str(len(body)))
+                if route != "drip":
+                    self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                seconds = float(parse_qs(url.query).get("seconds", [server.slow_seconds])[0])
                 try:
-                    self.wfile.write(body)
+                    if route == "drip":
+                        self._drip(body, seconds)
+                    else:
+                        self.wfile.write(body)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timed out) first
+
+            def _drip(self, body: bytes, seconds: float) -> None:
+                pieces = [body[i : i + DRIP_BYTES] for i in range(0, len(body), DRIP_BYTES)]
+                for piece in pieces:
+                    self.wfile.write(piece)
+                    self.wfile.flush()
+                    if server._stopping.wait(seconds / len(pieces)):
+                        return
 
             def log_message(self, format, *args) -> None:  # noqa: A002
                 pass  # one line per image would drown the pipeline's own output

@@ -6,8 +6,10 @@ and `{key}.json` (the LAION/img2dataset metadata plus `quality`: every score, sh
 
 Every file is written atomically: into a hidden temporary name in the output directory, then
 renamed (local: fsync + os.replace; object stores: the upload completes under the temporary key,
-then a server-side move commits it). Readers globbing `*.tar` never see a partial shard, and the
-index appears last, only when every shard was written.
+then a server-side move commits it). No reader sees a partial shard, and the index appears last,
+only when every shard was written. The index is the list of shards: readers (the training feed)
+go by it, and once it is committed the tars it does not list (an earlier, larger run's) are
+deleted, so a rerun never mixes in stale samples.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from pipelines.quality import SCORE_NAMES, SCORE_TYPES
 if TYPE_CHECKING:
     import ray.data
 
-# the rows of index.parquet: one per sample written, naming its shard
+SHARD_INDEX = "index.parquet"  # beside the shards; lists them (readers go by it, not by a glob)
+# the rows of SHARD_INDEX: one per sample written, naming its shard
 SHARD_INDEX_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -155,6 +158,12 @@ def _write_shard(fs: fsspec.AbstractFileSystem, path: str, samples: list[tuple[M
         write_tar(f, (_sample(rec, data) for rec, data in samples))
 
 
+def _remove_unlisted(fs: fsspec.AbstractFileSystem, root: str, listed: set[str]) -> None:
+    for path in fs.glob(f"{root}/*.tar"):
+        if posixpath.basename(path) not in listed:
+            fs.rm(path)
+
+
 def write_shards(
     records: Iterable[Mapping[str, Any]] | ray.data.Dataset, output: str, config: ShardConfig | None = None
 ) -> ShardsResult:
@@ -162,7 +171,8 @@ def write_shards(
     exactly `samples_per_shard` samples (the last one smaller) into `output`, a local directory
     or fsspec URL. Rows are written in the order given; a Ray dataset is first sorted by
     (source, key): the metadata's row order, whatever order the downloads finished in (which
-    sets the members' offsets), so a rerun, or a resumed run, writes identical shards."""
+    sets the members' offsets), so a rerun, or a resumed run, writes identical shards. No
+    records: no shards, an empty index (and an earlier run's shards are gone)."""
     config = config or ShardConfig()
     ray_data = sys.modules.get("ray.data")  # only a caller that imported Ray Data can pass a Dataset
     if ray_data and isinstance(records, ray_data.Dataset):
@@ -176,7 +186,7 @@ def write_shards(
     records = iter(records)
     with (
         ThreadPoolExecutor(config.workers) as pool,
-        atomic_write(fs, f"{root}/index.parquet") as index_file,
+        atomic_write(fs, f"{root}/{SHARD_INDEX}") as index_file,
         pq.ParquetWriter(index_file, SHARD_INDEX_SCHEMA) as index,
     ):
         pending, buffer = deque(), []
@@ -203,5 +213,6 @@ def write_shards(
             flush(buffer)
         for future in pending:
             future.result()
+    _remove_unlisted(fs, root, set(shards))
     n_out = n_in - sum(rejected.values())
-    return ShardsResult(output, shards, "index.parquet", n_in, n_out, dict(rejected))
+    return ShardsResult(output, shards, SHARD_INDEX, n_in, n_out, dict(rejected))

@@ -89,11 +89,14 @@ def build_report(
     thresholds: Thresholds | None = None,
     failed_checks: Mapping[str, int] | None = None,
     scores_of: int | None = None,
+    failed_shards: Sequence[Mapping[str, Any]] = (),
+    warnings: Sequence[str] = (),
 ) -> dict[str, Any]:
     """`scores`: score columns of the assessed samples (kept and rejected), all of them or a
-    uniform sample of `scores_of`; `failed_checks`: `count_failed_checks` over all of them.
-    `consistent` is true when each stage's rejections account for its losses and each stage
-    starts with what the previous one kept."""
+    uniform sample of `scores_of`; `failed_checks`: `count_failed_checks` over all of them;
+    `failed_shards`: one mapping per shard task that failed (stage, shard, rows, error);
+    `warnings`: what the run's operator must know. `consistent` is true when each stage's
+    rejections account for its losses and each stage starts with what the previous one kept."""
     rows = [asdict(s) | {"unaccounted": s.n_in - s.n_out - sum(s.rejected.values())} for s in stages]
     chained = all(a.n_out == b.n_in for a, b in zip(stages, stages[1:]))
     report = {
@@ -103,6 +106,8 @@ def build_report(
         "thresholds": {k: [list(t) for t in v] for k, v in (thresholds or {}).items()},
         "scores": {},
         "failed_checks": dict(failed_checks or {}),
+        "failed_shards": [dict(f) for f in failed_shards],
+        "warnings": list(warnings),
     }
     if scores is not None:
         report["scores"] = score_distributions(scores)
@@ -127,6 +132,17 @@ def summary_markdown(report: Mapping[str, Any]) -> str:
             f"| {s['name']} | {s['n_in']} | {s['n_out']} | {s['n_in'] - s['n_out']} | "
             f"{100 * s['n_out'] / max(s['n_in'], 1):.1f} |"
         )
+    if report["warnings"]:
+        lines += ["", "## Warnings", "", *(f"- {w}" for w in report["warnings"])]
+    if report["failed_shards"]:
+        lines += [
+            "",
+            "## Failed shards (rerun to retry)",
+            "",
+            "| stage | shard | rows | error |",
+            "|---|---:|---:|---|",
+        ]
+        lines += [f"| {f['stage']} | {f['shard']} | {f['rows']} | {f['error']} |" for f in report["failed_shards"]]
     lines += ["", "## Rejections by reason", "", "| stage | reason | count | % of stage input |", "|---|---|---:|---:|"]
     for s in report["stages"]:
         for reason, n in sorted(s["rejected"].items(), key=lambda kv: -kv[1]):
@@ -201,10 +217,12 @@ def write_report(
     thresholds: Thresholds | None = None,
     failed_checks: Mapping[str, int] | None = None,
     scores_of: int | None = None,
+    failed_shards: Sequence[Mapping[str, Any]] = (),
+    warnings: Sequence[str] = (),
 ) -> dict[str, str]:
     """Write stats.json, stats.md and (with scores) score_histograms.png; returns their URLs.
     The arguments are `build_report`'s."""
-    report = build_report(stages, scores, thresholds, failed_checks, scores_of)
+    report = build_report(stages, scores, thresholds, failed_checks, scores_of, failed_shards, warnings)
     files = {
         "json": ("stats.json", json.dumps(report, indent=2).encode()),
         "summary": ("stats.md", summary_markdown(report).encode()),

@@ -1,5 +1,6 @@
-"""serving/archive.py: archives of real photos restored on a real local Ray by the tiny reference
-model, hostile archives built with tarfile/zipfile, and a run interrupted part-way then resumed."""
+"""serving.archive: archives of real photos restored on a real local Ray by the tiny reference
+model, hostile archives built with tarfile/zipfile, and a run interrupted part-way then resumed.
+Listing, screening and reading alone (no Ray): tests/test_archive_members.py."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
@@ -23,20 +25,15 @@ from skimage import data
 
 from diffbir.image_io import decode_image, encode_image
 from diffbir.pipeline import RestorationPipeline, name_seed
-from serving import archive
-from serving.archive import (
-    ArchiveConfig,
-    ArchiveError,
-    list_members,
-    read_members,
-    restore_archive,
-    safe_path,
-)
+from serving.archive import ArchiveConfig, ArchiveError, Parts, restore_archive
+from serving.archive.job import ARCHIVE_MEMBER_SCHEMA, ArchiveRestorer, main
+from serving.archive.members import UNREADABLE, archive_kind, list_members, read_members, safe_path
+from serving.archive.outputs import THUMB_HEIGHT, thumbnail, write_output
 from training import registry
 
 from conftest import new_run, save_tiny
 
-ARCHIVE_YAML = Path(archive.__file__).parent / "configs" / "archive.yaml"
+ARCHIVE_YAML = Path(__file__).resolve().parents[1] / "serving" / "configs" / "archive.yaml"
 FAST = dict(task="denoise", min_side=64, steps=2, batch_size=4, contact_sheet=2)
 # real photos at sizes the tiny model restores in a fraction of a second; each a different size
 PHOTOS = {
@@ -151,12 +148,12 @@ def test_zip_bombs_are_refused_from_declared_sizes(tmp_path):
         zf.writestr("fill2.png", b"\0" * 600_000)
     assert path.stat().st_size < 100_000
     cfg = ArchiveConfig(input=str(path), output="o.zip", max_member_bytes=1 << 20, max_total_bytes=(8 << 20) + 700_000)
-    reasons = {m.name: m.reason for m in list_members(str(path), "zip", cfg)}
+    reasons = {m.name: m.reason for m in list_members(str(path), "zip", cfg.screening()).members}
     assert reasons["ok.png"] is None and reasons["fill1.png"] is None
     assert reasons["bomb.png"] == f"declares {8 << 20:,} bytes, over max_member_bytes = {1 << 20:,}"
     assert reasons["fill2.png"].startswith("the archive declares more than max_total_bytes")
     with pytest.raises(ArchiveError, match="more than max_members = 3 entries"):
-        list_members(str(path), "zip", cfg.model_copy(update=dict(max_members=3)))
+        list_members(str(path), "zip", cfg.model_copy(update=dict(max_members=3)).screening())
 
 
 @pytest.mark.parametrize("suffix, kind", [(".tar.gz", "tar.gz"), (".tbz2", "tar.bz2"), (".tar.xz", "tar.xz")])
@@ -166,19 +163,19 @@ def test_a_compressed_tar_is_not_read_past_the_total_limit_and_written_back(tmp_
         for i in range(3):
             add_tar(tar, f"{i}.png", b"\0" * 600_000)
     url = path.as_uri()  # inputs are fsspec URLs
-    assert archive.archive_kind(url, is_dir=False) == kind
-    cfg = ArchiveConfig(input=url, output=f"o{suffix}", max_total_bytes=1_000_000)
-    members = list_members(url, kind, cfg)
+    assert archive_kind(url, is_dir=False) == kind
+    screening = ArchiveConfig(input=url, output=f"o{suffix}", max_total_bytes=1_000_000).screening()
+    members = list_members(url, kind, screening).members
     assert [(m.name, m.reason is None) for m in members] == [("0.png", True), ("1.png", False)]  # 2.png never read
     assert members[1].reason.startswith("the archive declares more than max_total_bytes")
-    ((member, payload, reason, _),) = read_members(url, kind, members[:1])
-    assert (member.name, payload, reason) == ("0.png", b"\0" * 600_000, None)
+    ((member, payload, reason, error, _),) = read_members(url, kind, members[:1], screening)
+    assert (member.name, payload, reason, error) == ("0.png", b"\0" * 600_000, None, None)
 
-    parts = archive.Parts(str(tmp_path / "o.parts"))
+    parts = Parts(str(tmp_path / "o.parts"))
     parts.fs.makedirs(parts.root)
     parts.fs.pipe_file(f"{parts.root}/restored-0", b"restored bytes")
     out = tmp_path / f"o{suffix}"
-    archive.write_output(parts.fs, str(out), kind, [(member, f"{parts.root}/restored-0")], parts)
+    write_output(parts.fs, str(out), kind, [(member, f"{parts.root}/restored-0")], parts)
     with tarfile.open(out, f"r:{kind.split('.')[1]}") as tar:  # really compressed the same way
         assert [(m.name, tar.extractfile(m).read()) for m in tar] == [("0.png", b"restored bytes")]
 
@@ -190,9 +187,10 @@ def test_an_uncompressed_tar_is_read_from_any_member(tmp_path):
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
         for i, name in enumerate(names):
             add_tar(tar, name, bytes([i]) * (700 + i))
-    members = list_members(str(path), "tar", ArchiveConfig(input=str(path), output="o.tar"))
+    screening = ArchiveConfig(input=str(path), output="o.tar").screening()
+    members = list_members(str(path), "tar", screening).members
     for start in range(3):
-        got = [(m.name, payload, reason) for m, payload, reason, _ in read_members(str(path), "tar", members[start:])]
+        got = [(r.member.name, r.data, r.reason) for r in read_members(str(path), "tar", members[start:], screening)]
         assert got == [(name, bytes([i]) * (700 + i), None) for i, name in enumerate(names)][start:]
 
 
@@ -201,11 +199,11 @@ def test_reads_never_take_more_than_declared(tmp_path):
     (tmp_path / "in").mkdir()
     grows = tmp_path / "in" / "grows.png"
     grows.write_bytes(b"x" * 100)
-    cfg = ArchiveConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
-    members = list_members(str(tmp_path / "in"), "folder", cfg)
+    screening = ArchiveConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out")).screening()
+    members = list_members(str(tmp_path / "in"), "folder", screening).members
     grows.write_bytes(b"x" * 10_000_000)
-    ((_, payload, reason, _),) = read_members(str(tmp_path / "in"), "folder", members)
-    assert payload is None and reason == "unreadable: holds more than its declared 100 bytes"
+    ((_, payload, reason, error, _),) = read_members(str(tmp_path / "in"), "folder", members, screening)
+    assert (payload, reason, error) == (None, "unreadable: holds more than its declared 100 bytes", None)  # skipped
 
     # a zip entry whose headers declare 10 bytes for 1000: zipfile stops at 10, the CRC fails
     lying = tmp_path / "lying.zip"
@@ -216,10 +214,10 @@ def test_reads_never_take_more_than_declared(tmp_path):
     struct.pack_into("<I", raw, local + 22, 10)  # uncompressed size in the local header
     struct.pack_into("<I", raw, central + 24, 10)  # and in the central directory
     lying.write_bytes(bytes(raw))
-    members = list_members(str(lying), "zip", cfg)
+    members = list_members(str(lying), "zip", screening).members
     assert [(m.name, m.size, m.reason) for m in members] == [("a.png", 10, None)]
-    ((_, payload, reason, _),) = read_members(str(lying), "zip", members)
-    assert payload is None and reason.startswith("unreadable: Bad CRC-32")
+    ((_, payload, reason, error, _),) = read_members(str(lying), "zip", members, screening)
+    assert payload is None and reason.startswith("unreadable") and error.startswith("BadZipFile: Bad CRC-32")
 
 
 def test_encrypted_zip_entries_are_refused(tmp_path):
@@ -230,7 +228,7 @@ def test_encrypted_zip_entries_are_refused(tmp_path):
     for offset in (raw.find(b"PK\x03\x04") + 6, raw.find(b"PK\x01\x02") + 8):  # the flag bits
         raw[offset] |= 0x1
     path.write_bytes(bytes(raw))
-    (member,) = list_members(str(path), "zip", ArchiveConfig(input=str(path), output="o.zip"))
+    (member,) = list_members(str(path), "zip", ArchiveConfig(input=str(path), output="o.zip").screening()).members
     assert member.reason == "encrypted"
 
 
@@ -241,7 +239,7 @@ def test_refusals_before_any_work(tmp_path, model_dir):
         restore_archive(
             ArchiveConfig(input=str(tmp_path / "in.tar"), output=str(tmp_path / "o.zip"), model=str(model_dir))
         )
-    with pytest.raises(ArchiveError, match="inside the input folder"):
+    with pytest.raises(ArchiveError, match="lies inside the input"):
         restore_archive(
             ArchiveConfig(input=str(tmp_path / "in"), output=str(tmp_path / "in" / "out"), model=str(model_dir))
         )
@@ -295,7 +293,7 @@ def test_tar_gz_to_tar_gz(fresh_tar_gz, model_dir):
     # beside the output: manifest and contact sheet of the first 2 members; the parts are gone
     assert files_under(out.parent) == {f"restored{s}" for s in (".tar.gz", *BESIDE)}
     sheet = decoded((out.parent / "restored.contact.png").read_bytes())
-    assert sheet.shape[0] == 40 + 2 * (archive.THUMB_HEIGHT + 30)
+    assert sheet.shape[0] == 40 + 2 * (THUMB_HEIGHT + 30)
     page = (out.parent / "restored.contact.html").read_text()
     assert "album/astronaut.png" in page and "coffee.jpg" in page and "chelsea" not in page
     uris = re.findall(r"<img src='data:image/png;base64,([^']+)'>", page)
@@ -309,7 +307,7 @@ def test_tar_gz_to_tar_gz(fresh_tar_gz, model_dir):
             .options()
             .model_copy(update={"seed": name_seed(name, 231)})
         )
-        expected = archive._thumb(encode_image(pipe.stage1_image(image, opts)))
+        expected = thumbnail(encode_image(pipe.stage1_image(image, opts)))
         shown = decoded(base64.b64decode(uris[3 * row + 1]))[..., ::-1]  # BGR -> RGB
         assert np.abs(shown.astype(int) - expected).max() <= 1, name
         final = decoded(base64.b64decode(uris[3 * row + 2]))[..., ::-1]
@@ -399,7 +397,7 @@ def test_zip_from_the_registry_through_the_cli(tmp_path, mlflow_store, model_dir
         str(1 << 20),
     ]
     argv += [f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()]
-    assert archive.main(argv) == 0
+    assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     pinned = f"models:/diffbir-archive/{version}"
     assert (summary["model_uri"], summary["model_version"], summary["restored"], summary["skipped"]) == (
@@ -457,19 +455,19 @@ def test_folder_to_folder(tmp_path, model_dir):
 def test_an_interrupted_run_resumes_without_recomputing(tmp_path, photos_tar_gz, fresh_tar_gz, model_dir, monkeypatch):
     out = tmp_path / "restored.tar.gz"
     cfg = ArchiveConfig(input=str(photos_tar_gz), output=str(out), model=str(model_dir), **FAST | dict(batch_size=1))
-    save = archive.Parts.save
+    save = Parts.save
     saved = []
 
-    def crash_after_first_block(self, block, run_id):
+    def crash_after_first_block(self, rows, stamp):
         if saved:
             raise KeyboardInterrupt("simulated crash")
-        save(self, block, run_id)
-        saved.append(block["ordinal"].to_pylist())
+        saved.append([row["ordinal"] for row in rows])
+        save(self, rows, stamp)
 
-    monkeypatch.setattr(archive.Parts, "save", crash_after_first_block)
+    monkeypatch.setattr(Parts, "save", crash_after_first_block)
     with pytest.raises(KeyboardInterrupt):
         restore_archive(cfg)
-    monkeypatch.setattr(archive.Parts, "save", save)
+    monkeypatch.setattr(Parts, "save", save)
     parts = tmp_path / "restored.parts"
     assert not out.exists() and len(saved) == 1
     done = {p.name: p.stat().st_mtime_ns for p in (parts / "files").iterdir()}
@@ -494,3 +492,85 @@ def test_an_interrupted_run_resumes_without_recomputing(tmp_path, photos_tar_gz,
         diff = np.abs(decoded(resumed[name]).astype(int) - decoded(fresh[name]).astype(int))
         # batch size 1 vs 4: float rounding at most, which JPEG's requantisation turns into a few levels
         assert diff.max() <= (1 if name.endswith(".png") else 8) and diff.mean() < 0.5, (name, diff.max(), diff.mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# Failures and limits that must not stop a run
+
+
+def test_a_corrupt_member_fails_alone_and_the_rerun_goes_through(tmp_path, model_dir):
+    path = tmp_path / "photos.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("broken.png", data.astronaut().tobytes()[:400_000])
+        zf.writestr("album/astronaut.png", photo_bytes("album/astronaut.png"))
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 4 : len(raw) // 4 + 64] = bytes(range(64))  # inside broken.png's deflated data
+    path.write_bytes(bytes(raw))
+    cfg = ArchiveConfig(
+        input=str(path), output=str(tmp_path / "out.zip"), model=str(model_dir), keep_parts=True, **FAST
+    )
+    first = restore_archive(cfg)
+    assert (first["restored"], first["failed"]) == (1, 1)
+    rerun = restore_archive(cfg)  # retries the failed member, which fails alone again
+    assert (rerun["restored"], rerun["failed"], rerun["resumed"], rerun["restored_this_run"]) == (1, 1, 1, 0)
+    rows = manifest(tmp_path / "out")
+    assert (rows["broken.png"]["status"], rows["broken.png"]["reason"]) == ("failed", UNREADABLE)
+    assert rows["broken.png"]["error"].startswith(("BadZipFile", "error")) and rows["broken.png"]["output"] is None
+    with zipfile.ZipFile(tmp_path / "out.zip") as zf:
+        assert zf.namelist() == ["album/astronaut.png"]
+
+
+def test_the_working_canvas_is_limited_after_upscale(model_dir):
+    small, big = (encode_image(np.full((h, w, 3), 0.5, np.float32)) for h, w in ((48, 64), (150, 200)))
+    limits = dict(max_pixels=50_000, max_working_pixels=50_000, jpeg_quality=95, dtype="fp32")
+    restorer = ArchiveRestorer(
+        model_uri=str(model_dir),
+        tracking_uri="",
+        cache_dir=None,
+        options=dict(task="denoise", upscale=2, min_side=64, steps=2),
+        cfg=limits | dict(gpus_per_actor=0, cpus_per_actor=1),
+        contact=[],
+    )
+    batch = [(0, "small.png", small), (1, "big.png", big)]  # 30,000 input pixels: under max_pixels
+    rows = [dict(ordinal=o, path=p, data=d, reason=None, error=None, read_s=0.0) for o, p, d in batch]
+    results = restorer(pa.Table.from_pylist(rows, schema=ARCHIVE_MEMBER_SCHEMA)).to_pylist()
+    small_row, big_row = sorted(results, key=lambda row: row["ordinal"])
+    assert (small_row["status"], small_row["width"], small_row["height"]) == ("restored", 128, 96)
+    assert (big_row["status"], big_row["data"]) == ("skipped", None)
+    assert big_row["reason"] == (
+        "big.png: restores on a 448x320 = 143,360 pixel canvas (upscale 2, min_side 64), "
+        "over max_working_pixels = 50,000"
+    )
+
+
+def test_output_budget_and_fingerprint_on_resume(tmp_path, photos_tar_gz, fresh_tar_gz, model_dir):
+    sizes = {name: len(payload) for name, payload in tar_members(fresh_tar_gz[0]).items()}
+    first = "album/astronaut.png"
+    budget = sizes[first] + min(sizes["coffee.jpg"], sizes["album/sub/chelsea.png"]) // 2
+    out = tmp_path / "restored.tar.gz"
+    cfg = ArchiveConfig(input=str(photos_tar_gz), output=str(out), model=str(model_dir), keep_parts=True, **FAST)
+    summary = restore_archive(cfg.model_copy(update=dict(max_output_bytes=budget)))
+    assert (summary["restored"], summary["skipped"]) == (1, 2)
+    assert list(tar_members(out)) == [first]
+    skipped = {p: r["reason"] for p, r in manifest(tmp_path / "restored").items() if r["status"] == "skipped"}
+    assert skipped == dict.fromkeys(
+        ["coffee.jpg", "album/sub/chelsea.png"], f"the run's restored output would pass max_output_bytes = {budget:,}"
+    )
+
+    # the parts belong to this content and these output options
+    with pytest.raises(ArchiveError, match="another jpeg_quality"):
+        restore_archive(cfg.model_copy(update=dict(jpeg_quality=80)))
+    other = tmp_path / "same-names.tar.gz"
+    with tarfile.open(photos_tar_gz) as src, tarfile.open(other, "w:gz") as dst:
+        for info in src:  # the same names and sizes, other bytes (mtimes)
+            info.mtime += 1
+            dst.addfile(info, src.extractfile(info) if info.isreg() else None)
+    with pytest.raises(ArchiveError, match="another content"):
+        restore_archive(cfg.model_copy(update=dict(input=str(other))))
+
+    # under another limit, what was skipped for it is retried; what was restored is kept
+    kept = (tmp_path / "restored.parts" / "files" / "1").stat().st_mtime_ns
+    summary = restore_archive(cfg)
+    assert (summary["restored"], summary["resumed"], summary["restored_this_run"]) == (3, 1, 2)
+    assert list(tar_members(out)) == list(PHOTOS)
+    assert (tmp_path / "restored.parts" / "files" / "1").stat().st_mtime_ns == kept

@@ -158,3 +158,16 @@ def test_dedup_across_shards_keeps_the_better_copy(tmp_path, ray_local):
     assert (written.n_out, written.shards) == (4, ["00000.tar", "00001.tar"])
     with tarfile.open(tmp_path / "final" / "00001.tar") as tar:
         assert tar.extractfile("s1_rocket.png").read() == shard1["s1_rocket"]
+
+
+def test_dedup_of_no_rows_removes_nothing(ray_local):
+    """What the quality stage passes on when it rejected every image: a dataset with the
+    columns but no rows."""
+    import ray.data
+    from ray.data.expressions import col
+
+    row = {"key": "a", "sha256": "0" * 64, "phash": "0" * 16, "width": 600, "height": 600}
+    rows = ray.data.from_items([row | {"jpeg_quality": 90, "sharpness": 1.0, "passed": False}])
+    none_kept = rows.filter(expr=col("passed")).materialize()
+    unique, removed = dd.dedup(none_kept)
+    assert (unique.count(), removed) == (0, {})

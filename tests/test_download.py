@@ -1,13 +1,17 @@
 """Download through real img2dataset from the loopback sample server, as Ray tasks on a real
-local Ray: the shards, their failures by reason, the size cap, and resuming after a kill."""
+local Ray: the shards, their failures by reason, the size cap, the per-URL bounds (deadline,
+body size, declared image area), failed shards, and resuming after a kill."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import tarfile
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -16,11 +20,13 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import webdataset as wds
+from PIL import Image
+from skimage import data
 
 from pipelines.download import DownloadConfig, _download_shard, download, failure_reason, plan_shards
 from pipelines.prefilter import parquet_files
 from pipelines.ray_env import ensure_ray
-from pipelines.sample import embedded_sample
+from pipelines.sample import SampleServer, embedded_sample
 
 from conftest import kill_when_a_shard_is_done
 
@@ -163,3 +169,104 @@ def test_a_download_task_finishes_no_shard_by_itself(prefiltered, downloaded, tm
     resumed = download(prefiltered, out, DownloadConfig(**CONFIG))  # the rerun redoes shard 0, drops the orphan's
     assert not any(s.resumed for s in resumed.shards) and not (out / "_tmp").exists()
     assert _contents(out) == _contents(Path(downloaded.output_dir))
+
+
+def _jpeg(img, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares width×height RGB pixels, with almost no data: what a
+    decompression bomb looks like until it is decoded."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + ihdr + chunk(b"IDAT", zlib.compress(bytes(1000))) + chunk(b"IEND", b"")
+
+
+def _url_table(urls: list[str]) -> pa.Table:
+    return pa.table({"URL": urls, "TEXT": [f"caption {i}" for i in range(len(urls))]})
+
+
+def test_every_url_is_bounded_and_none_fails_its_shard(tmp_path):
+    """A server that drips a small image over 20 s ends at the 2 s deadline although no read
+    waits 2 s; bodies over the cap fail with or without a Content-Length, reading stopping at the
+    cap; a header declaring 64 Mpx fails before decoding (cv2 would call this one undecodable)."""
+    www = tmp_path / "www"
+    www.mkdir()
+    small = _jpeg(data.astronaut()[::8, ::8])  # 64×64, a few kB
+    (www / "small.jpg").write_bytes(small)
+    (www / "big.jpg").write_bytes(_jpeg(data.astronaut()))  # ~100 kB
+    (www / "bomb.png").write_bytes(_png_header_only(8000, 8000))
+    routes = {
+        "img/small.jpg": "success",
+        "drip/small.jpg?seconds=0.3": "success",  # no Content-Length, complete
+        "drip/small.jpg?seconds=20": "deadline",
+        "img/big.jpg": "body_too_large",  # declared too big
+        "drip/big.jpg?seconds=2": "body_too_large",  # no Content-Length: counted while read
+        "img/bomb.png": "too_large",
+    }
+    config = DownloadConfig(
+        shard_size=len(routes),
+        thread_count=len(routes),
+        timeout=2.0,
+        deadline=2.0,
+        max_bytes=20_000,
+        max_image_area=1_000_000,
+        min_side=0,
+        shard_retries=0,
+    )
+    assert len(small) < config.max_bytes < (www / "big.jpg").stat().st_size
+    ensure_ray()
+    with SampleServer(www, slow_seconds=60) as server:
+        pq.write_table(_url_table([f"{server.base_url}/{r}" for r in routes]), tmp_path / "urls.parquet")
+        result = download(tmp_path / "urls.parquet", tmp_path / "out", config)
+
+    assert not result.failed and [s.shard for s in result.shards] == [0]
+    assert result.shards[0].duration < 10  # the 20 s drip did not hold the shard
+    rows = pq.read_table(tmp_path / "out" / "00000.parquet").to_pylist()
+    outcome = {
+        r["url"].split("/", 3)[3]: "success" if r["status"] == "success" else failure_reason(r["error_message"])
+        for r in rows
+    }
+    assert outcome == routes
+    assert [s["jpg"] for s in _samples(tmp_path / "out").values()] == [small, small]  # bytes intact
+    assert result.failures == {"body_too_large": 2, "deadline": 1, "too_large": 1}
+
+
+def _corrupt_pages(path: Path) -> None:
+    """Garbage over the first page header: the footer (row counts) still reads, the rows do not."""
+    raw = bytearray(path.read_bytes())
+    raw[4:68] = b"\xff" * 64
+    path.write_bytes(bytes(raw))
+
+
+def test_a_failing_shard_is_recorded_and_a_rerun_retries_only_it(prefiltered, fates, tmp_path):
+    rows = [r for r in pq.read_table(prefiltered).to_pylist() if fates[r["hash"]]["served"] != "slow"][:10]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table.slice(0, 5), inputs / "a.parquet")
+    pq.write_table(table.slice(5), inputs / "b.parquet")
+    intact = (inputs / "b.parquet").read_bytes()
+    _corrupt_pages(inputs / "b.parquet")
+    config = DownloadConfig(**{**CONFIG, "shard_retries": 1})
+    out = tmp_path / "out"
+
+    first = download(inputs, out, config)  # returns: shard 0 finished, shard 1 recorded
+    assert [s.shard for s in first.shards] == [0] and first.count == 5
+    (failed,) = first.failed
+    assert (failed.shard, failed.rows) == (1, 5) and "thrift" in failed.error
+    assert first.failed_rows == 5 and first.to_dict()["failed"][0]["shard"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["00000.parquet", "00000.tar", "00000_stats.json", "_plan.json"]
+
+    (inputs / "b.parquet").write_bytes(intact)
+    rerun = download(inputs, out, config)
+    assert [(s.shard, s.resumed) for s in rerun.shards] == [(0, True), (1, False)] and not rerun.failed
+    assert rerun.count == 10 and rerun.successes == sum(
+        fates[r["hash"]]["fate"] == "kept" or fates[r["hash"]]["fate"].startswith(("quality:", "dedup:")) for r in rows
+    )

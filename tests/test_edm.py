@@ -177,8 +177,8 @@ def test_point_mass_recovered(sampler):
     hook = lambda x0_, step: steps.append(step) or x0_ + 1  # noqa: E731
     z = sample(den, x_T, sampler, 10, noise=gaussian_noise(gen), x0_hook=hook, edm=options)
     torch.testing.assert_close(z, x0 + 1, rtol=0, atol=2e-4)
-    assert [s.t for s in steps] == seen_t and steps[0].t == 999 and steps[-1].alpha_bar_next == 1.0
-    assert all(0 <= s.alpha_bar < s.alpha_bar_next <= 1 for s in steps)
+    assert [s.t for s in steps] == seen_t and steps[0].t == 999 and steps[-1].x0_coef == 1.0
+    assert all(0 <= s.alpha_bar <= 1 and 0 < s.x0_coef <= 1 for s in steps)
 
 
 @pytest.mark.parametrize("sampler", ODE)

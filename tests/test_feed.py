@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
 import skimage
@@ -99,3 +101,24 @@ def test_same_seed_same_batches_and_resume(shards, local_ray):
     for a, b in zip(whole[2:], resumed):
         assert a["key"] == b["key"] and torch.equal(a["position"], b["position"]) and torch.equal(a["lq"], b["lq"])
     assert not all(torch.equal(a["lq"], b["lq"]) for a, b in zip(whole, other_seed))
+
+
+def test_pipeline_output_is_read_by_its_index_not_by_a_glob(shards, tmp_path):
+    """A stray or stale tar beside the pipeline's shards is not in index.parquet: never read."""
+    from pipelines.shards import SHARD_INDEX_SCHEMA
+
+    out = tmp_path / "shards"
+    shutil.copytree(shards, out)
+    listed = sorted(p.name for p in out.glob("*.tar"))[:2]
+    keys = index_samples(str(out))["key"].to_pylist()
+    rows = [{"key": k, "shard": listed[i // 2]} for i, k in enumerate(keys[:4])]
+    pq.write_table(pa.Table.from_pylist(rows, SHARD_INDEX_SCHEMA), out / "index.parquet")
+    shutil.copy(out / listed[0], out / "00099.tar")  # a stray tar
+
+    index = index_samples(str(out))
+    assert index["key"].to_pylist() == keys[:4]
+    assert {u.rsplit("/", 1)[1] for u in index["url"].to_pylist()} == set(listed)
+
+    pq.write_table(SHARD_INDEX_SCHEMA.empty_table(), out / "index.parquet")  # a run that kept nothing
+    with pytest.raises(FileNotFoundError, match="index.parquet lists no shards"):
+        index_samples(str(out))

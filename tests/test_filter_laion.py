@@ -12,6 +12,8 @@ from collections import Counter
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
 import webdataset as wds
@@ -19,7 +21,7 @@ import yaml
 
 from pipelines.filter_laion import FilterLaionConfig, main, run
 from pipelines.ray_env import free_port
-from pipelines.sample import load_manifest
+from pipelines.sample import SCHEMA, load_manifest
 
 from conftest import kill_when_a_shard_is_done
 
@@ -131,3 +133,32 @@ def test_killed_pipeline_reruns_to_the_same_shards_and_counts(result, tmp_path):
     assert shard_contents(out) == shard_contents(done)
     counts = lambda r: [(s["name"], s["n_in"], s["n_out"], s["rejected"]) for s in r["stages"]]  # noqa: E731
     assert counts(rerun) == counts(report)
+
+
+def test_a_run_whose_downloads_all_fail_ends_with_empty_shards_index_and_report(tmp_path, caplog):
+    """Every URL fails (nothing listens on the port): the run still ends, exit status 0, with no
+    shards (an earlier run's are gone), an empty index, the whole report and a warning."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    good_metadata = {"WIDTH": 1024, "HEIGHT": 768, "similarity": 0.33, "punsafe": 0.01, "pwatermark": 0.01}
+    rows = [
+        {"URL": f"{dead}/{i}.jpg", "TEXT": f"photo {i}", "hash": i, "AESTHETIC_SCORE": 6.0, **good_metadata}
+        for i in range(3)
+    ]
+    pq.write_table(pa.Table.from_pylist(rows, SCHEMA), tmp_path / "metadata.parquet")
+    out = tmp_path / "out"
+    (out / "shards").mkdir(parents=True)
+    (out / "shards" / "00000.tar").write_bytes(b"a shard of an earlier run")
+
+    argv = ["--metadata", str(tmp_path / "metadata.parquet"), "--output", str(out), "--download.timeout", "2"]
+    assert main(argv) == 0
+
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["index.parquet"]
+    assert pq.read_table(out / "shards" / "index.parquet").num_rows == 0
+    report = json.loads((out / "stats.json").read_text())
+    counts = {s["name"]: (s["n_in"], s["n_out"]) for s in report["stages"]}
+    assert counts == {"prefilter": (3, 3), "download": (3, 0), "quality": (0, 0), "dedup": (0, 0), "shards": (0, 0)}
+    assert report["stages"][1]["rejected"] == {"connection_error": 3} and report["consistent"]
+    assert report["warnings"] == ["the download stage kept nothing: the shard set is empty"]
+    assert "the download stage kept nothing" in caplog.text
+    assert "the download stage kept nothing" in (out / "stats.md").read_text()
+    assert (out / "score_histograms.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

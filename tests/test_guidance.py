@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from diffbir.config import DiffusionConfig
 from diffbir.sampling import (
-    EDM_SAMPLERS,
     SAMPLERS,
     Denoiser,
     RestorationGuidance,
@@ -93,9 +92,9 @@ def test_fixture_e_gating(fixture_e, info_e, tiny_bundle):
         tiny_bundle.cldm, fixture_e["target"], 1.0, space="latent", t_start=gate["t_start"], t_stop=gate["t_stop"]
     )
     x0 = fixture_e["pred_x0"]
-    assert guidance(x0, Step(gate["t_now"] - 1, 0.5, 0.6)) is x0 and guidance.losses == []
-    assert not torch.equal(guidance(x0, Step(gate["t_start"] - 2, 0.5, 0.6)), x0) and len(guidance.losses) == 1
-    assert guidance(x0, Step(gate["t_stop"] - 1, 0.5, 0.6)) is x0
+    assert guidance(x0, Step(gate["t_now"] - 1, 0.5, 1.0)) is x0 and guidance.losses == []
+    assert not torch.equal(guidance(x0, Step(gate["t_start"] - 2, 0.5, 1.0)), x0) and len(guidance.losses) == 1
+    assert guidance(x0, Step(gate["t_stop"] - 1, 0.5, 1.0)) is x0
 
 
 def test_fixture_f_guided(golden, fixture_index, tiny_bundle, monkeypatch):
@@ -147,31 +146,6 @@ def test_weighted_latent_guidance(fixture_e, tiny_bundle):
     assert guidance_loss(update.x0, update.target, guidance.weight) < 0.9 * update.loss
 
 
-# the EDM solvers: test_edm (with tiling; one scale pushing alike with every solver is issue 14's open part)
-@pytest.mark.parametrize("sampler", [s for s in SAMPLERS if s not in EDM_SAMPLERS])
-def test_guidance_with_every_sampler(golden, fixture_e, tiny_bundle, sampler):
-    """Guided sampling ends closer to the target (weighted loss of the decoded result)."""
-    cldm = tiny_bundle.cldm
-    image01 = F.avg_pool2d(fixture_e["stage1_image01"], 2)  # a small problem: 64x64 pixels, 8x8 latents
-    target = image01 * 2 - 1
-    with torch.no_grad():
-        c_img = cldm.condition_latent(image01)
-    c_txt = load_fixture(golden, "f_sampling_unguided")["c_txt_pos"]
-    den = Denoiser(cfg_model(cldm, c_img, c_txt), DiffusionConfig())
-    weight = weight_map(image01)
-
-    def final_loss(x0_hook=None) -> float:
-        gen = torch.Generator().manual_seed(0)
-        x_T = initial_latent(den, torch.randn(c_img.shape, generator=gen), c_img)
-        z = sample(den, x_T, sampler, 3, x0_hook=x0_hook, noise=gaussian_noise(gen))
-        with torch.no_grad():
-            return guidance_loss(cldm.vae_decode(z), target, weight).item()
-
-    guidance = RestorationGuidance(cldm, target, 2.0)
-    unguided, guided = final_loss(), final_loss(guidance)
-    assert guidance.losses and guided < 0.9 * unguided, (unguided, guided)
-
-
 def test_tiled_decode_vjp_is_the_gradient_of_the_tiled_decode(tiny_bundle):
     """Tile by tile, the vector-Jacobian product equals autograd through the whole tiled decode."""
     from diffbir.sampling.tiling import tiled_vae_decode, tiled_vae_decode_vjp
@@ -193,9 +167,9 @@ def test_tiled_rgb_guidance(fixture_e, tiny_bundle):
     x0, coef = e["pred_x0"], e["posterior_mean_coef1_at_index"].item()
     whole = RestorationGuidance(tiny_bundle.cldm, e["target"], 0.002).update(x0, coef)
     side = x0.shape[-1]
-    one_tile = RestorationGuidance(tiny_bundle.cldm, e["target"], 0.002, decode_tiles=(side, 0)).update(x0, coef)
+    one_tile = RestorationGuidance(tiny_bundle.cldm, e["target"], 0.002, tiles=(side, 0)).update(x0, coef)
     torch.testing.assert_close(one_tile.x0, whole.x0, rtol=1e-4, atol=1e-5)
-    guidance = RestorationGuidance(tiny_bundle.cldm, e["target"], 0.002, decode_tiles=(side // 2, side // 4))
+    guidance = RestorationGuidance(tiny_bundle.cldm, e["target"], 0.002, tiles=(side // 2, side // 4))
     update = guidance.update(x0, coef)
     after = guidance_loss(
         tiled_decode(tiny_bundle.cldm, update.x0, side // 2, side // 4), update.target, guidance.weight
@@ -208,3 +182,33 @@ def tiled_decode(cldm, z, tile, overlap):
 
     with torch.no_grad():
         return tiled_vae_decode(cldm, z, tile, overlap)
+
+
+def test_one_scale_pushes_alike_with_every_sampler(golden, fixture_e, tiny_bundle):
+    """The calibration rule (guidance module docstring) on the tiny model, every sampler on the
+    v2.1 schedule (where all of them run), 8 steps, one small scale: guidance brings every final
+    image nearer the target (weighted loss), and the gain 1 - guided / unguided stays within a
+    factor CALIBRATION across samplers. Before the rule, DPM++ 2M gained 0.02 and EDM Heun lost."""
+    cldm = tiny_bundle.cldm
+    image01 = F.avg_pool2d(fixture_e["stage1_image01"], 2)  # a small problem: 8x8 latents at the set's sizes
+    target = image01 * 2 - 1
+    with torch.no_grad():
+        c_img = cldm.condition_latent(image01)
+    c_txt = load_fixture(golden, "f_sampling_unguided")["c_txt_pos"]
+    den = Denoiser(cfg_model(cldm, c_img, c_txt), DiffusionConfig.preset("v2.1"))
+    weight = weight_map(image01)
+
+    def final_loss(sampler: str, scale: float) -> float:
+        gen = torch.Generator().manual_seed(0)
+        x_T = initial_latent(den, torch.randn(c_img.shape, generator=gen))
+        hook = RestorationGuidance(cldm, target, scale) if scale else None
+        z = sample(den, x_T, sampler, 8, x0_hook=hook, noise=gaussian_noise(gen))
+        with torch.no_grad():
+            return guidance_loss(cldm.vae_decode(z), target, weight).item()
+
+    gain = {s: 1 - final_loss(s, 0.01) / final_loss(s, 0) for s in SAMPLERS}
+    assert min(gain.values()) > 0.02, gain
+    assert max(gain.values()) < CALIBRATION * min(gain.values()), gain
+
+
+CALIBRATION = 5.0  # measured: 0.09 (Karras DPM++ 3M SDE) to 0.33 (the ODE solvers)

@@ -626,23 +626,72 @@ def test_rayservice_serves_the_platform_app():
     assert serve["applications"][0]["args"].get("num_gpus", 0) >= 1
 
 
-def test_mlflow_server_stores():
+def mlflow_deployment() -> dict:
     (deploy,) = [d for _, d in k8s_docs() if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow"]
+    return deploy
+
+
+def mlflow_compose() -> dict:
+    return load_docs(INFRA / "mlflow" / "docker-compose.yaml")[0]
+
+
+def container_env(container: dict) -> dict[str, str | None]:
+    """A container's variables: name -> value (None when it comes from a Secret or ConfigMap)."""
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def test_mlflow_server_stores():
+    deploy = mlflow_deployment()
     args = " ".join(_containers(deploy["spec"]["template"])[0]["args"])
-    assert re.search(r"--backend-store-uri postgresql://\$\(DB_USER\):\$\(DB_PASSWORD\)@", args), (
-        "password from the Secret"
-    )
     assert "--artifacts-destination $(ARTIFACTS_DESTINATION)" in args and "--serve-artifacts" in args
     (config,) = [d for _, d in k8s_docs() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "mlflow-config"]
     assert config["data"]["ARTIFACTS_DESTINATION"].startswith("s3://")
-    compose = load_docs(INFRA / "mlflow" / "docker-compose.yaml")[0]
+    compose = mlflow_compose()
     command = " ".join(compose["services"]["mlflow"]["command"])
-    assert "postgresql://" in command and "--artifacts-destination s3://" in command and "--serve-artifacts" in command
+    assert "--artifacts-destination s3://" in command and "--serve-artifacts" in command
+    assert compose["services"]["mlflow"]["environment"]["MLFLOW_DB_URI"].startswith("postgresql://")
     build = compose["services"]["mlflow"]["build"]
     assert ((INFRA / "mlflow" / build["context"]) / build["dockerfile"]).resolve() == MLFLOW_DOCKERFILE.resolve()
     raw = (INFRA / "mlflow" / "docker-compose.yaml").read_text()
-    for secret in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD"):
-        assert re.search(rf"\${{{secret}:\?", raw), f"{secret} must come from the env file, required"
+    assert re.search(r"\$\{MINIO_ROOT_PASSWORD:\?", raw), "MINIO_ROOT_PASSWORD must come from the env file, required"
+
+
+def test_mlflow_server_requires_auth():
+    """The image's entrypoint runs MLflow's basic-auth app (tests/test_registry.py runs it for real)."""
+    dockerfile = MLFLOW_DOCKERFILE.read_text()
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT\s+(\[.*\])$", dockerfile, re.M).group(1))
+    assert entrypoint[:2] == ["python", "/usr/local/lib/mlflow-serve.py"]
+    assert "COPY infra/mlflow/serve.py /usr/local/lib/mlflow-serve.py\n" in dockerfile
+    assert '"--app-name", "basic-auth"' in (INFRA / "mlflow" / "serve.py").read_text()
+    container = _containers(mlflow_deployment()["spec"]["template"])[0]
+    for env in (container_env(container), mlflow_compose()["services"]["mlflow"]["environment"]):
+        assert env["MLFLOW_AUTH_ADMIN_PASSWORD_FILE"].startswith("/run/secrets/")
+        assert env["MLFLOW_AUTH_SECRET_KEY_FILE"].startswith("/run/secrets/")
+
+
+def test_mlflow_passwords_come_from_secret_files():
+    """No password in an argument, a URI or a plain variable: the database's and the admin's are files."""
+    container = _containers(mlflow_deployment()["spec"]["template"])[0]
+    compose = mlflow_compose()
+    service = compose["services"]["mlflow"]
+    for args, env in ((container["args"], container_env(container)), (service["command"], service["environment"])):
+        assert not [a for a in args if re.search(r"password|://[^/@]*:[^/@]*@", a, re.I)], args
+        assert re.fullmatch(r"postgresql://[^:@/]+@[^/@]+/[^/@]+", env["MLFLOW_DB_URI"]), "a URI without a password"
+        assert env["MLFLOW_DB_PASSWORD_FILE"].startswith("/run/secrets/")
+        assert not {k for k in env if k.endswith("PASSWORD")}
+    files = [container_env(container)[f"MLFLOW_{k}_PASSWORD_FILE"] for k in ("DB", "AUTH_ADMIN")]
+    assert {str(Path(f).parent) for f in files} <= {m["mountPath"] for m in container["volumeMounts"]}
+    assert set(service["secrets"]) == {"db_password", "admin_password", "secret_key"} == set(compose["secrets"])
+    assert all(Path(s["file"]).parts[0] == "secrets" for s in compose["secrets"].values())
+    assert "secrets/" in (INFRA / "mlflow" / ".gitignore").read_text().split()
+    postgres = compose["services"]["postgres"]["environment"]
+    assert postgres["POSTGRES_PASSWORD_FILE"] == "/run/secrets/db_password" and "POSTGRES_PASSWORD" not in postgres
+
+
+def test_mlflow_compose_publishes_on_loopback_only():
+    for name, service in mlflow_compose()["services"].items():
+        for port in service.get("ports", []):
+            assert isinstance(port, str) and port.startswith("127.0.0.1:"), f"{name} publishes {port!r} everywhere"
 
 
 def test_commands_in_docs_and_comments():

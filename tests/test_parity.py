@@ -14,6 +14,7 @@ from diffbir.checkpoints.official import split_official
 from diffbir.checkpoints.parts import build_part, infer_config
 from diffbir.cli import main as cli_main
 from diffbir.models.cldm import ControlLDM
+from diffbir.sampling import RestorationGuidance
 from diffbir.utils.keyed_init import keyed_state_dict
 
 from conftest import SINGLE_EVAL, assert_close_golden, full_key_shapes, load_fixture
@@ -136,3 +137,25 @@ def test_full_size_unet_and_ircontrolnet(golden, golden_set):
     fx = load_fixture(golden, "full_outputs_all")
     cldm = ControlLDM(parts["unet"], parts["controlnet"], None)
     check_cldm(cldm, fx, "cldm.", fx["clip.context"], fx["cldm.c_img"])
+
+
+@pytest.mark.slow
+def test_full_size_guided_update(golden, golden_set, fixture_index):
+    """`guid.*`: one region-adaptive guidance update (weighted MSE in RGB, through the full-size
+    decoder, no tiles) at the case INDEX.json describes: weight map, loss, the scaled gradient, the
+    decoded x0, its vector-Jacobian product and the updated x0."""
+    info = fixture_index["files"]["full_outputs_all"]["description"]["guidance"]
+    fx = load_fixture(golden, "full_outputs_all")
+    vae = _keyed_parts(golden, golden_set, "sd21", ("first_stage_model.",))["vae"]
+    guidance = RestorationGuidance(ControlLDM(None, None, vae), fx["guid.target"], info["g_scale_user"])
+    assert guidance.scale == pytest.approx(info["internal_scale"])
+    assert_close_golden(guidance.weight, fx["guid.weight_map"], **SINGLE_EVAL, name="guid.weight_map")
+    update = guidance.update(fx["guid.pred_x0"], info["posterior_mean_coef1"])
+    assert update.loss == pytest.approx(info["loss"], rel=SINGLE_EVAL["rtol"])
+    for key, actual in {
+        "decoded_pred": update.pred,
+        "grad_pred_scaled": update.grad_pred_scaled,
+        "delta_pred_x0": update.delta,
+        "updated_pred_x0": update.x0,
+    }.items():
+        assert_close_golden(actual, fx[f"guid.{key}"], **SINGLE_EVAL, name=f"guid.{key}")

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 from skimage import data
 
+from diffbir.checkpoints.loading import load_model
 from diffbir.cli import main as cli_main
+from diffbir.colorfix import wavelet_reconstruction
 from diffbir.image_io import read_image
 from diffbir.pipeline import RestorationPipeline, RestoreOptions, plan_sizes
+from diffbir.utils.keyed_init import keyed_state_dict
+
+from conftest import MANIFESTS, TINY_FILES
 
 FAST = dict(steps=2, min_side=64, cfg_scale=1.0)
 
@@ -45,6 +54,41 @@ def test_batches_are_independent_of_their_mates_and_deterministic(pipe):
     assert mixed[1].shape == (40, 96, 3)
     assert np.array_equal(alone, pipe([a], opts, seeds=[7])[0])
     assert not np.array_equal(alone, pipe([a], opts, seeds=[9])[0])
+
+
+def test_colour_fix_follows_the_official_order(pipe, monkeypatch):
+    """The official order: crop the decoded canvas to the working size, wavelet fix against the
+    (unpadded) stage-1 image with no clamp before it, resize to the output, then clamp."""
+    img = data.astronaut()[:50, :70].astype(np.float32) / 255
+    opts = RestoreOptions(task="denoise", **FAST)
+    size, work = plan_sizes(50, 70, 1.0, 64)
+    assert work != (64, 128)  # the canvas is padded: the crop matters
+    decoded = torch.rand(1, 3, 64, 128, generator=torch.Generator().manual_seed(0)) * 2 - 0.5  # out of [0, 1]
+    monkeypatch.setattr(pipe, "_diffuse", lambda clean, opts, seeds: decoded)
+    (out,) = pipe([img], opts)
+    stage1 = pipe.run_stage1(torch.from_numpy(img).permute(2, 0, 1)[None], work, opts)
+    fixed = wavelet_reconstruction(decoded[..., : work[0], : work[1]], stage1)
+    expected = F.interpolate(fixed, size=size, mode="bicubic", antialias=True).clamp(0, 1)[0].permute(1, 2, 0)
+    np.testing.assert_allclose(out, expected.numpy(), atol=1e-5)
+
+
+def test_scale_one_stage1_nets_run_before_the_resize(golden_weights, tiny_configs, tmp_path):
+    """SCUNet (scale 1) cleans the input at its own size, then the result is resized to the working
+    size (the official SCUNet pipeline); the DiffBIR SwinIR variant is fed the resized input."""
+    shapes = json.loads((MANIFESTS / "scunet_color_real_psnr.json").read_text())["keys"]
+    torch.save(keyed_state_dict({k: v["shape"] for k, v in shapes.items()}, salt=0), tmp_path / "scunet.pth")
+    heads = tiny_configs["cldm"]["params"]["unet_cfg"]["num_head_channels"]
+    files = [golden_weights / name for name in TINY_FILES[:2]] + [tmp_path / "scunet.pth"]
+    scunet = RestorationPipeline(load_model(files, num_head_channels=heads))
+    assert not scunet.stage1_resizes_first
+    lq = torch.from_numpy(data.astronaut()[:48, :80].astype(np.float32) / 255).permute(2, 0, 1)[None]
+    work = plan_sizes(48, 80, 1.0, 64)[1]
+    with torch.no_grad():
+        cleaned_first = F.interpolate(scunet.stage1(lq), size=work, mode="bicubic", antialias=True)
+        resized_first = scunet.stage1(F.interpolate(lq, size=work, mode="bicubic", antialias=True))
+    out = scunet.run_stage1(lq, work, RestoreOptions(task="denoise", **FAST))
+    torch.testing.assert_close(out, cleaned_first, atol=1e-5, rtol=0)
+    assert (out - resized_first).abs().max() > 1e-3
 
 
 def test_restore_grouped_matches_each_image_alone_in_input_order(pipe):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -107,3 +108,36 @@ def test_url_dedup_spans_files_and_buckets_and_keeps_the_best_row(tmp_path, monk
     assert kept.sort_values("URL").to_dict("records") == best.to_dict("records")
     again = pq.read_table(prefilter(tmp_path / "meta", tmp_path / "b").files).to_pandas()
     assert again["URL"].tolist() == kept["URL"].tolist()
+
+
+def test_a_rerun_replaces_the_folder_whole_and_leaks_no_temporary_one(sample, tmp_path, monkeypatch):
+    """A write that fails leaves the previous output as it was and no temporary folder; what a
+    killed run left beside the output goes at the next run; a finished run replaces the folder."""
+    import ray.data
+
+    ensure_ray()
+    metadata = str(sample.root / "metadata" / "*.parquet")
+    out = tmp_path / "kept"
+    out.mkdir()
+    pq.write_table(pq.read_table(sample.metadata[0]), out / "part-of-an-earlier-run.parquet")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    real_write = ray.data.Dataset.write_parquet
+
+    def write_then_fail(self, path, **kwargs):
+        real_write(self, path, **kwargs)
+        raise OSError("simulated crash after the write")
+
+    monkeypatch.setattr(ray.data.Dataset, "write_parquet", write_then_fail)
+    with pytest.raises(OSError, match="simulated crash"):
+        prefilter(metadata, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+
+    monkeypatch.setattr(ray.data.Dataset, "write_parquet", real_write)
+    (tmp_path / "kept.tmp-0123abcd").mkdir()  # as a killed run leaves them
+    (tmp_path / "kept.old-0123abcd").mkdir()
+    result = prefilter(metadata, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+    assert [Path(f).name for f in result.files] == sorted(p.name for p in out.iterdir())  # the earlier part is gone
+    assert pq.read_table(result.files).num_rows == result.kept

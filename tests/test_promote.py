@@ -7,6 +7,9 @@ import math
 import runpy
 import sys
 import tarfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -15,8 +18,9 @@ from mlflow import MlflowClient
 from skimage import data
 
 from diffbir.config import build_parser, load_config
+from training import promote as promote_module
 from training import registry
-from training.promote import Gate, PromoteConfig, judge, main, promote
+from training.promote import Gate, PromoteConfig, Promotion, PromotionError, judge, main, promote
 
 from conftest import new_run, save_tiny
 
@@ -314,3 +318,35 @@ def test_config_validation():
         PromoteConfig(heldout="h", gates=[])
     cfg = PromoteConfig(heldout="h", gates=[{"metric": "ssim", "limit": 0.5}], metrics={"names": ["psnr", "ssim"]})
     assert cfg.measured() == ["ssim", "psnr"]  # gated first, then reported only
+
+
+def test_concurrent_promotions_cannot_lose_an_update(mlflow_store, tiny_bundle, heldout, monkeypatch):
+    """Two promotions scored against the same champion: the alias moves once, to the first to move;
+    the second finds the alias no longer naming the champion it compared against, and says so."""
+    name = "diffbir-race"
+    champion = register(mlflow_store, tiny_bundle, "race1", 0.05, name)
+    registry.set_alias(name, "champion", champion)
+    candidates = [register(mlflow_store, tiny_bundle, f"race{i}", 0.0, name) for i in (2, 3)]
+
+    both_scored = threading.Barrier(2, timeout=60)
+    score = promote_module.heldout_means
+    monkeypatch.setattr(promote_module, "heldout_means", lambda *a: (score(*a), both_scored.wait())[0])
+    set_alias = MlflowClient.set_registered_model_alias  # slow: both promotions reach the move before either ends it
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", lambda *a: (time.sleep(0.5), set_alias(*a)))
+
+    def run(candidate: str):
+        try:
+            return promote(config(heldout, mlflow_store, model_name=name, candidate=int(candidate)))
+        except PromotionError as e:
+            return e
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = dict(zip(candidates, pool.map(run, candidates)))
+    promoted = [c for c, o in outcomes.items() if isinstance(o, Promotion)]
+    assert len(promoted) == 1, outcomes
+    (winner,), (loser,) = promoted, set(candidates) - set(promoted)
+    assert outcomes[winner].decision == "promoted" and outcomes[winner].champion == champion
+    assert registry.alias_version(name, "champion") == winner
+    message = str(outcomes[loser])
+    assert f"v{loser} was compared against v{champion}, but @champion of '{name}' now names v{winner}" in message
+    assert not promotion_records(loser, name)  # the loser wrote nothing

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import mlflow
@@ -112,3 +113,29 @@ def test_resolve_errors(two_versions, uri, message):
 def test_register_refuses_non_model_dir(mlflow_store, tmp_path):
     with pytest.raises(CheckpointError, match="not a platform model directory"):
         registry.register_model(new_run(), tmp_path, NAME)
+
+
+def test_move_alias_is_compare_and_set(mlflow_store, two_versions, monkeypatch):
+    registry.set_alias(NAME, "cas", "1")
+    with pytest.raises(registry.AliasMovedError, match=f"@cas of '{NAME}' now names v1, not v2") as moved:
+        registry.move_alias(NAME, "cas", "2", expected="2")
+    assert moved.value.current == "1" and registry.alias_version(NAME, "cas") == "1"
+    with pytest.raises(registry.AliasMovedError, match="now names v1, not no version"):
+        registry.move_alias(NAME, "cas", "2", expected=None)
+    registry.move_alias(NAME, "cas", "2", expected="1")
+    assert registry.alias_version(NAME, "cas") == "2"
+
+    # a lock left by a process that died: waited for while its lease runs, then broken
+    lock = f"{registry.LOCK_PREFIX}{NAME}@cas"
+    client = mlflow.MlflowClient()
+    client.create_registered_model(lock, tags={"expires": repr(time.time() + 0.5)})
+    with pytest.raises(RegistryError, match="no registered model named 'nope'") as unknown:
+        registry.alias_version("nope", "cas")
+    assert lock not in str(unknown.value)  # locks are not listed as models
+    monkeypatch.setattr(registry, "LOCK_WAIT_S", 0.2)
+    with pytest.raises(RegistryError, match=f"is locked by another alias move \\(registered model '{lock}'\\)"):
+        registry.move_alias(NAME, "cas", "1", expected="2")
+    time.sleep(0.5)
+    registry.move_alias(NAME, "cas", "1", expected="2")
+    assert registry.alias_version(NAME, "cas") == "1"
+    assert not client.search_registered_models(f"name = '{lock}'")  # released

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 import urllib.error
 import urllib.request
 
@@ -11,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.sample import STAGES, embedded_sample, load_manifest
+from pipelines.sample import DRIP_BYTES, STAGES, embedded_sample, load_manifest
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,19 @@ def test_slow_variant_outlasts_a_short_timeout(sample):
     (row,) = [r for r in sample.rows if r["served"] == "slow"]
     with pytest.raises((TimeoutError, urllib.error.URLError), match="timed out"):
         urllib.request.urlopen(row["url"], timeout=0.5).read()
+
+
+def test_drip_route_spreads_the_body_over_the_seconds_asked_without_a_length(sample):
+    (row,) = [r for r in sample.rows if r["variant"] == "astronaut"]
+    body = (sample.root / row["file"]).read_bytes()
+    url = row["url"].replace("/img/", "/drip/") + "?seconds=1"
+    started = time.monotonic()
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert "Content-Length" not in response.headers
+        first = response.read1(len(body))
+        assert len(first) <= DRIP_BYTES
+        assert first + response.read() == body
+    assert 0.8 < time.monotonic() - started < 5
 
 
 def test_files_are_what_the_manifest_says(sample):

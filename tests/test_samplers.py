@@ -187,8 +187,8 @@ def test_point_mass_recovered(sampler, config):
     )
     torch.testing.assert_close(z, x0 + 1, rtol=0, atol=2e-4)
     assert [s.t for s in steps] == pytest.approx(seen_t, abs=1e-3)  # one hook call per model call
-    assert steps[0].t == pytest.approx(999) and steps[-1].alpha_bar_next == 1.0
-    assert all(0 <= s.alpha_bar < s.alpha_bar_next <= 1 for s in steps)
+    assert steps[0].t == pytest.approx(999) and steps[-1].x0_coef == 1.0
+    assert all(0 <= s.alpha_bar <= 1 and 0 < s.x0_coef <= 1 for s in steps)
 
 
 @pytest.mark.parametrize("config", CONFIGS)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffbir.config import DiffusionConfig
-from diffbir.sampling.denoiser import Step
+from diffbir.sampling.denoiser import x0_coef
 from diffbir.sampling.samplers import _DIFFUSERS, make_scheduler
 from diffbir.sampling.schedules import NoiseSchedule, SpacedSchedule, space_timesteps
 
@@ -119,12 +119,17 @@ def test_karras_sigmas():
     torch.testing.assert_close(roots.diff(), roots.diff()[:1].expand(11), rtol=1e-9, atol=0)
 
 
-def test_step_coefficient_is_posterior_mean_coef1():
-    """The x0 coefficient guidance divides by is the spaced DDPM's posterior_mean_coef1."""
+def test_x0_coef_is_each_samplers_weight_of_x0():
+    """With fresh noise (eta 1) the weight is the spaced DDPM's posterior_mean_coef1; without (eta 0)
+    it is DDIM's: x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev) eps(x_t, x0); a step onto x0 weighs it 1."""
     spaced = SpacedSchedule.create(NoiseSchedule.from_config(DiffusionConfig()), 50)
-    for i in range(50):
-        step = Step(0, spaced.alphas_cumprod[i].item(), spaced.alphas_cumprod_prev[i].item())
-        assert step.x0_coef == pytest.approx(spaced.posterior_mean_coef1[i].item(), rel=1e-12)
+    for i in range(1, 50):
+        ab, ab_prev = spaced.alphas_cumprod[i].item(), spaced.alphas_cumprod_prev[i].item()
+        assert x0_coef(ab, ab_prev) == pytest.approx(spaced.posterior_mean_coef1[i].item(), rel=1e-12)
+        ddim = math.sqrt(ab_prev) - math.sqrt(1 - ab_prev) * math.sqrt(ab / (1 - ab))
+        assert x0_coef(ab, ab_prev, eta=0) == pytest.approx(ddim, rel=1e-9)
+        assert 0.4 < x0_coef(ab, ab_prev, eta=0) / x0_coef(ab, ab_prev) < 1  # about half for small steps
+    assert x0_coef(0.3, 1.0) == x0_coef(0.3, 1.0, eta=0) == 1.0
 
 
 @pytest.mark.parametrize("preset", ["v2", "v2.1"])

@@ -203,3 +203,32 @@ def test_report_scores_are_sampled_but_failed_checks_are_exact():
     assert abs(scores["sharpness"].median() - 0.5) < 0.05  # uniform: the sample's median is the population's
     everything, _ = summarize_scored(scored, ["sharpness"], max_rows=20_000)
     assert len(everything) == 20_000
+
+
+def test_a_rerun_removes_the_shards_its_index_does_not_list(download, tmp_path):
+    out = tmp_path / "out"
+    first = sh.write_shards(download["kept"], str(out), sh.ShardConfig(samples_per_shard=2))
+    assert first.shards == ["00000.tar", "00001.tar", "00002.tar"]
+
+    smaller = sh.write_shards(download["kept"][:3], str(out), sh.ShardConfig(samples_per_shard=2))
+    assert sorted(p.name for p in out.iterdir()) == ["00000.tar", "00001.tar", "index.parquet"]
+    assert pq.read_table(out / "index.parquet")["shard"].to_pylist() == ["00000.tar"] * 2 + ["00001.tar"]
+    assert smaller.n_out == 3
+
+    empty = sh.write_shards([], str(out), sh.ShardConfig(samples_per_shard=2))  # a run that kept nothing
+    assert (empty.shards, empty.n_in, empty.n_out) == ([], 0, 0)
+    assert sorted(p.name for p in out.iterdir()) == ["index.parquet"]
+    index = pq.read_table(out / "index.parquet")
+    assert index.num_rows == 0 and index.schema == sh.SHARD_INDEX_SCHEMA
+
+
+def test_report_names_failed_shards_and_warnings(tmp_path):
+    failed = [{"stage": "download", "shard": 7, "rows": 10, "error": "OSError: disk full"}]
+    stages = [StageStats("download", 30, 15, {"http_404": 5, "shard_failed": 10}), StageStats("shards", 15, 15)]
+    paths = write_report(str(tmp_path), stages, failed_shards=failed, warnings=["download shard(s) 7 failed"])
+    report = json.loads(open(paths["json"]).read())
+    assert report["failed_shards"] == failed and report["warnings"] == ["download shard(s) 7 failed"]
+    assert report["consistent"]
+    summary = open(paths["summary"]).read()
+    assert "| download | 7 | 10 | OSError: disk full |" in summary and "- download shard(s) 7 failed" in summary
+    assert build_report(stages)["failed_shards"] == [] == build_report(stages)["warnings"]

@@ -7,19 +7,29 @@ on shards of real photos, MLflow (SQLite in a temporary directory) and the regis
   checkpoint: Ray Train starts a new worker, which restores model, optimizer, scheduler, noise
   generator and data position and finishes the budget on the first run's loss curve. Rerun
   under its name with a larger budget, it resumes from its last checkpoint, still on the curve.
-- The GM run stacks IRControlNet on the tiny SD 2.1 with the trained RM as stage 1."""
+- The GM run stacks IRControlNet on the tiny SD 2.1 with the trained RM as stage 1.
+- Resuming with another batch size continues every rank's data stream where it stopped; with
+  another world size it is refused.
+- A real MLflow server stopped mid-run and started again: the run finishes with every metric.
+- publish() swaps a new final model in only once it is uploaded."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
+import mlflow
 import pytest
 import ray
 import ray.cloudpickle
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from mlflow import MlflowClient
 from ray.train.v2.api.callback import UserCallback
 from ray.util.state import list_actors
@@ -27,13 +37,15 @@ from ray.util.state import list_actors
 from diffbir.checkpoints.loading import load_model
 from diffbir.config import load_config
 from pipelines.feed import VAL_PHOTOS, write_example_shards
-from pipelines.ray_env import ensure_ray
+from pipelines.ray_env import ensure_ray, free_port
 from training import registry
 from training.launch import RUN_TAG, config_hash, train
+from training.loop import ResumeError, publish, restore
 from training.train_gm import GMConfig
 from training.train_rm import RMConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+RM_TASK = "training.train_rm:RMTask"
 TRAIN_METRICS = {
     "train/loss",
     "train/lr",
@@ -49,9 +61,13 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # KillOnce runs
 def local_ray():
     if ray.is_initialized():  # an earlier module's Ray, started without the dashboard Ray Train needs
         ray.shutdown()
-    ensure_ray(include_dashboard=True)
-    yield
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as mp:
+        # Ray's workers inherit it: MLflow's client gives up on an unreachable server at once, as
+        # it does by default after about 4 minutes of retries, so the outage test takes seconds
+        mp.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        ensure_ray(include_dashboard=True)
+        yield
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +215,132 @@ def test_gm_run_is_tracked(rm_run, workdir):
     z = torch.randn(1, 4, 8, 8)
     c_img = cldm.condition_latent(model.stage1(torch.rand(1, 3, 64, 64)))
     assert cldm(z, torch.tensor([999]), cldm.text_context([""]), c_img).shape == z.shape
+
+
+def test_publish_uploads_the_new_model_before_removing_the_old(tmp_path, monkeypatch):
+    def model(label: str) -> Path:
+        d = tmp_path / label
+        d.mkdir()
+        for part in ("model.json", "swinir.safetensors"):
+            (d / part).write_text(f"{label} {part}")
+        return d
+
+    target = tmp_path / "storage/run/model"
+    publish(model("old"), str(target))
+    put_file = LocalFileSystem.put_file
+    uploaded = []
+
+    def fail_on_second_file(self, lpath, rpath, **kwargs):
+        if uploaded:
+            raise OSError("connection lost during upload")
+        uploaded.append(rpath)
+        put_file(self, lpath, rpath, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "put_file", fail_on_second_file)
+    with pytest.raises(OSError, match="connection lost"):
+        publish(model("new"), str(target))
+    assert {p.name: p.read_text() for p in target.iterdir()} == {
+        "model.json": "old model.json",
+        "swinir.safetensors": "old swinir.safetensors",
+    }
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model"]  # no partial upload left
+
+    monkeypatch.setattr(LocalFileSystem, "put_file", put_file)
+    publish(tmp_path / "new", str(target))
+    assert (target / "model.json").read_text() == "new model.json"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model"]
+
+
+def short(name: str, workdir: Path, **overrides) -> RMConfig:
+    """A few steps of rm_tiny.yaml: validated and imaged only at the end, not registered, no restarts."""
+    fields = dict(steps=4, checkpoint_every=4, log_every=2, val_every=1000, image_every=1000, register_as="")
+    return tiny(RMConfig, "rm_tiny.yaml", workdir, name=name, max_failures=0, **fields | overrides)
+
+
+def test_resume_maps_the_data_position_or_refuses(local_ray, workdir):
+    cfg = short("rebatch", workdir)  # 4 steps of 8 samples per rank
+    assert train(cfg, RM_TASK).metrics["train/data_position"] == 32
+    # half the batch from step 4 on: each rank goes on from sample 32 of its stream, not 4 * 4
+    halved = train(cfg.model_copy(update={"steps": 8, "batch_size": 4}), RM_TASK).metrics
+    assert (halved["train/resumed_from"], halved["train/data_position"]) == (4, 32 + 4 * 4)
+
+    # 2 ranks on its last checkpoint: refused before anything is loaded (hence no engine here)
+    last = ray.train.Checkpoint.from_directory(str(Path(cfg.storage) / cfg.name / "checkpoint_00000008"))
+    with pytest.raises(ResumeError, match="was written by 1 ranks, this run has 2.*Resume with num_workers=1"):
+        restore(last, None, None, None, rank=0, world=2)
+
+
+class MlflowServer:
+    """A real `mlflow server` (SQLite store, local artifacts) on a free port, stopped and started again."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        command = [
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            *("--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"),
+            *("--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}"),
+            *("--artifacts-destination", str(self.root / "artifacts")),
+        ]
+        with open(self.root / "server.log", "a") as log:
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while not self._healthy():
+            assert self.proc.poll() is None, (self.root / "server.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(30)
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+
+def test_mlflow_outage_mid_run_loses_no_metrics(local_ray, workdir, tmp_path, monkeypatch):
+    """The server goes away after the first checkpoint and comes back a few seconds later, on the
+    same port and store: training goes on meanwhile, and the run ends with every metric step."""
+    server = MlflowServer(tmp_path)
+    server.start()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    cfg = short("outage", workdir, steps=12, log_every=1, image_every=6)
+    run_dir = Path(cfg.storage) / cfg.name
+
+    def outage():
+        deadline = time.monotonic() + 120
+        while not list(run_dir.glob("checkpoint_*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.stop()
+        time.sleep(3)
+        server.start()
+
+    stopper = threading.Thread(target=outage)
+    stopper.start()
+    try:
+        result = train(cfg, RM_TASK)
+        stopper.join()
+        assert result.metrics["step"] == cfg.steps
+        run = mlflow_run(cfg)
+        client = MlflowClient()
+        assert run.info.status == "FINISHED"
+        for key in TRAIN_METRICS | {"train/data_position"}:
+            assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(range(1, 13)), key
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "images")} == {
+            "images/step_00000006.png",
+            "images/step_00000012.png",
+        }
+        assert "model/model.json" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    finally:
+        stopper.join()
+        server.stop()
+        mlflow.set_tracking_uri(None)

@@ -33,6 +33,12 @@ class TrainConfig(FeedConfig):
     tracking_dir: Location = Field(
         "runs/mlflow", description="local MLflow store (sqlite + artifacts); MLFLOW_TRACKING_URI wins when set"
     )
+    tracking_outage_s: float = Field(
+        3600.0,
+        gt=0,
+        description="how long rank 0 waits for an MLflow server that does not answer, at the end of the run; "
+        "training goes on meanwhile, its metrics kept until the server is back",
+    )
     register_as: str | None = Field(
         None, description="registered model name for the final model (empty or null: do not register)"
     )

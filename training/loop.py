@@ -6,8 +6,11 @@ module is, its loss, its validation and what the final model holds. Rank 0 logs 
 
 A checkpoint is one directory per step in Ray Train's storage: DeepSpeed's files (each rank
 writes its optimizer shard; Ray merges the ranks' directories), each rank's noise generator,
-and the EMA. The data position is the step (every rank consumes batch_size * grad_accum samples
-per step), so a restored run draws the same batches and the same noise it would have drawn.
+the EMA, and data.json: the step, the world size and the data position (how far into its sample
+stream every rank is), so a restored run draws the same batches and the same noise it would have
+drawn. A resumed run may change batch_size or grad_accum: each rank continues its stream at the
+saved position, whatever the batches it is cut into. It may not change the world size: the ranks'
+streams, noise generators and ZeRO optimizer shards belong to one rank each (ResumeError).
 """
 
 from __future__ import annotations
@@ -15,21 +18,31 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import json
+import logging
+import queue
 import resource
 import tempfile
+import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Protocol
 
 import deepspeed
 import fsspec
-import mlflow
 import numpy as np
 import ray
 import ray.train
 import ray.train.torch
+import requests
 import torch
 import torch.distributed as dist
+from mlflow import MlflowClient
+from mlflow.entities import Metric as MlflowMetric
+from mlflow.exceptions import MlflowException
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+from mlflow.utils.time import get_current_time_millis
 from torch import nn
 from torchvision.utils import make_grid
 
@@ -41,6 +54,13 @@ from pipelines.feed import rank_batches, validation_batch
 from training.config import TrainConfig
 
 DS_TAG = "deepspeed"  # DeepSpeed's sub-directory in each checkpoint
+DATA_STATE = "data.json"  # step, world size and data position, in each checkpoint
+RETRY_FIRST_S, RETRY_MAX_S = 1.0, 15.0  # the tracker's back-off while MLflow is unreachable
+log = logging.getLogger(__name__)
+
+
+class ResumeError(Exception):
+    """A checkpoint this run cannot continue from exactly."""
 
 
 class Task(Protocol):
@@ -82,9 +102,9 @@ def train_loop_per_worker(args: dict) -> None:
     # all training noise (timesteps, eps, VAE posterior samples) comes from here
     generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + rank)
 
-    step = 0
+    step, position = 0, 0  # position: the next sample of this rank's stream
     if checkpoint := ray.train.get_checkpoint():
-        step = restore(checkpoint, engine, ema, generator, rank)
+        step, position = restore(checkpoint, engine, ema, generator, rank, world)
     resumed_from = step
 
     per_step = cfg.batch_size * cfg.grad_accum  # samples per rank per step
@@ -95,10 +115,10 @@ def train_loop_per_worker(args: dict) -> None:
         rank,
         world,
         cfg.batch_size,
-        start=step * per_step,
+        start=position,
         count=(cfg.steps - step) * per_step,
     )
-    tracker = Tracker(args["tracking_uri"], args["run_id"]) if rank == 0 else None
+    tracker = Tracker(args["tracking_uri"], args["run_id"], cfg.tracking_outage_s) if rank == 0 else None
     val_batch = validation_batch(cfg.feed(), ray.get(args["val_index"]), cfg.val_samples) if rank == 0 else None
     val_metrics: dict[str, float] = {}
 
@@ -108,6 +128,7 @@ def train_loop_per_worker(args: dict) -> None:
             t0 = time.perf_counter()
             batch = next(batches)
             waited += time.perf_counter() - t0
+            position = int(batch["position"][-1]) + 1
             loss = task.loss(engine, batch, generator)
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer and scheduler at the accumulation boundary
@@ -137,6 +158,7 @@ def train_loop_per_worker(args: dict) -> None:
                 "train/data_wait_frac": waited / elapsed,
                 "train/peak_memory_mb": peak_memory_mb(device),
                 "train/resumed_from": resumed_from,  # the checkpoint step this worker group started at
+                "train/data_position": position,  # samples of its stream each rank has consumed
             }
         if val_now:
             with full_weights(engine, ema):
@@ -149,7 +171,8 @@ def train_loop_per_worker(args: dict) -> None:
             tracker.log(metrics, step)
         # every rank reports at the same steps: ray.train.report is a barrier
         if checkpoint_now:
-            save_and_report(engine, ema, generator, rank, step, metrics | val_metrics)
+            data_state = {"step": step, "world_size": world, "position": position}
+            save_and_report(engine, ema, generator, rank, data_state, metrics | val_metrics)
         elif log_now or val_now:
             ray.train.report(metrics | {"step": step})
         if log_now:  # the next window times training only, not validation or checkpoints
@@ -159,19 +182,32 @@ def train_loop_per_worker(args: dict) -> None:
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 save_model_dir(Path(tmp) / "model", task.export(engine.module), diffusion=task.diffusion)
-                tracker.model(Path(tmp) / "model")
                 publish(Path(tmp) / "model", f"{cfg.storage}/{cfg.name}/model")
+                tracker.model(Path(tmp) / "model")
     if tracker is not None:
         tracker.close()
 
 
 def publish(model_dir: Path, url: str) -> None:
     """The final model also goes beside the checkpoints, a stable path for the next stage
-    (GM's stage1_weights: <storage>/<rm run>/model)."""
+    (GM's stage1_weights: <storage>/<rm run>/model). The new model is uploaded beside the old one
+    first and swapped in only once complete: a failed upload leaves the old model in place."""
     fs, path = fsspec.core.url_to_fs(url)
+    suffix = uuid.uuid4().hex[:8]
+    staging, retired = f"{path}.new-{suffix}", f"{path}.old-{suffix}"
+    try:
+        fs.put(f"{model_dir}/", staging, recursive=True)
+    except BaseException:
+        if fs.exists(staging):
+            fs.rm(staging, recursive=True)
+        raise
+    # renames on a local or shared POSIX disk: the path is without a model for an instant only
+    # (object stores copy instead: longer, but the new model is complete before the old goes)
     if fs.exists(path):
-        fs.rm(path, recursive=True)
-    fs.put(f"{model_dir}/", path, recursive=True)
+        fs.mv(path, retired, recursive=True)
+    fs.mv(staging, path, recursive=True)
+    if fs.exists(retired):
+        fs.rm(retired, recursive=True)
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -277,14 +313,19 @@ class EMA:
 # Checkpoints
 
 
-def save_and_report(engine, ema: EMA | None, generator: torch.Generator, rank: int, step: int, metrics: dict) -> None:
+def save_and_report(
+    engine, ema: EMA | None, generator: torch.Generator, rank: int, data_state: dict, metrics: dict
+) -> None:
     """Every rank writes its part into a local directory; ray.train.report uploads and merges
     them into <storage>/<name>/checkpoint_<step>, registered only once all ranks are done."""
+    step = data_state["step"]
     with tempfile.TemporaryDirectory() as tmp:
         engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"step": step})
         torch.save({"generator": generator.get_state()}, f"{tmp}/rng_rank{rank}.pt")
-        if ema is not None and rank == 0:
-            torch.save(ema.state_dict(), f"{tmp}/ema.pt")
+        if rank == 0:
+            Path(tmp, DATA_STATE).write_text(json.dumps(data_state))
+            if ema is not None:
+                torch.save(ema.state_dict(), f"{tmp}/ema.pt")
         ray.train.report(
             metrics | {"step": step},
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -292,39 +333,119 @@ def save_and_report(engine, ema: EMA | None, generator: torch.Generator, rank: i
         )
 
 
-def restore(checkpoint: ray.train.Checkpoint, engine, ema: EMA | None, generator: torch.Generator, rank: int) -> int:
-    """Model, optimizer, scheduler (DeepSpeed), noise generator and EMA; returns the step."""
+def restore(
+    checkpoint: ray.train.Checkpoint, engine, ema: EMA | None, generator: torch.Generator, rank: int, world: int
+) -> tuple[int, int]:
+    """Model, optimizer, scheduler (DeepSpeed), noise generator and EMA; returns the step and
+    the data position. Refuses (ResumeError) a checkpoint of another world size."""
     with checkpoint.as_directory() as d:
-        _, client_state = engine.load_checkpoint(d, tag=DS_TAG)
+        state = json.loads(Path(d, DATA_STATE).read_text())
+        if state["world_size"] != world:
+            raise ResumeError(
+                f"{checkpoint.path} was written by {state['world_size']} ranks, this run has {world}: "
+                "each rank's data stream, noise generator and ZeRO optimizer shard belong to one rank of "
+                f"that world, so its data position cannot be mapped exactly. Resume with "
+                f"num_workers={state['world_size']}, or start a new run name from its model"
+            )
+        engine.load_checkpoint(d, tag=DS_TAG)
         generator.set_state(torch.load(f"{d}/rng_rank{rank}.pt", weights_only=True)["generator"])
         if ema is not None:
             ema.load_state_dict(torch.load(f"{d}/ema.pt", weights_only=True))
-    return client_state["step"]
+    return state["step"], state["position"]
 
 
 # ---------------------------------------------------------------------------------------------
 # MLflow (rank 0)
 
 
+class TrackingError(Exception):
+    """Rank 0 could not hand the run's record (metrics, images, model) to MLflow."""
+
+
 class Tracker:
-    def __init__(self, tracking_uri: str, run_id: str):
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.start_run(run_id=run_id, log_system_metrics=True)
+    """Rank 0's MLflow logging, made by a background thread that keeps every call until the
+    server has taken it: an outage of the tracking server neither stops nor stalls training, and
+    once the server is back the backlog arrives in order, with the metrics' own timestamps.
+
+    MLflow's client retries each HTTP request itself (MLFLOW_HTTP_REQUEST_MAX_RETRIES with
+    exponential back-off, about 4 minutes by default), which covers blips; but it blocks the
+    caller meanwhile, and when its retries run out the call raises and its data is gone, which on
+    the training thread kills rank 0. Hence this queue and the retry loop around MLflow's calls.
+    model() and close() wait for the backlog, `outage_s` at most, then fail the run rather than
+    end it with an incomplete record.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, outage_s: float):
+        self.client, self.run_id, self.outage_s = MlflowClient(tracking_uri), run_id, outage_s
+        self.calls: queue.Queue = queue.Queue()
+        self.error: Exception | None = None  # the first call MLflow refused (not an outage)
+        self.system: SystemMetricsMonitor | None = None
+        threading.Thread(target=self._drain, name="mlflow-tracker", daemon=True).start()
+        self.calls.put(self._start_system_metrics)  # it asks the server for the run: not on this thread
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        mlflow.log_metrics(metrics, step=step)
+        now = get_current_time_millis()
+        batch = [MlflowMetric(k, float(v), now, step) for k, v in metrics.items()]
+        self.calls.put(lambda: self.client.log_batch(self.run_id, metrics=batch))
 
     def image(self, columns: list[torch.Tensor], step: int) -> None:
         """One row per validation sample: LQ | ... | HQ."""
         tiles = torch.stack(columns, dim=1).flatten(0, 1).float().clamp(0, 1)
         grid = make_grid(tiles, nrow=len(columns), padding=2)
-        mlflow.log_image(
-            (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8),
-            artifact_file=f"images/step_{step:08d}.png",
-        )
+        pixels = (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+        self.calls.put(lambda: self.client.log_image(self.run_id, pixels, artifact_file=f"images/step_{step:08d}.png"))
 
     def model(self, model_dir: Path) -> None:
-        mlflow.log_artifacts(str(model_dir), "model")
+        """Upload the final model; returns once it is uploaded (the caller then deletes model_dir)."""
+        self.calls.put(lambda: self.client.log_artifacts(self.run_id, str(model_dir), "model"))
+        self._wait()
 
     def close(self) -> None:
-        mlflow.end_run()
+        self._wait()
+        self.calls.put(None)
+        if self.system is not None:
+            self.system.finish()
+
+    def _start_system_metrics(self) -> None:
+        # MLflow's monitor samples every 10 s on its own thread; it stops at its first failed request
+        self.system = SystemMetricsMonitor(self.run_id, resume_logging=True, tracking_uri=self.client.tracking_uri)
+        self.system.start()
+
+    def _wait(self) -> None:
+        """Until every call made so far has reached MLflow, `outage_s` at most."""
+        done = threading.Event()
+        self.calls.put(done.set)
+        if not done.wait(self.outage_s):
+            raise TrackingError(
+                f"MLflow at {self.client.tracking_uri} has not answered for {self.outage_s:.0f} s "
+                f"(tracking_outage_s); {self.calls.qsize()} calls are not logged"
+            )
+        if self.error is not None:
+            raise TrackingError(f"MLflow refused a call of this run: {self.error}") from self.error
+
+    def _drain(self) -> None:
+        while (call := self.calls.get()) is not None:
+            self._until_done(call)
+
+    def _until_done(self, call) -> None:
+        delay = RETRY_FIRST_S
+        while True:
+            try:
+                call()
+                return
+            except Exception as e:  # noqa: BLE001 -- sorted below: an outage is retried, the rest kept for close()
+                if not _unreachable(e):
+                    self.error = self.error or e
+                    return
+                waiting = self.calls.qsize()
+                log.warning("MLflow unreachable, retrying in %.0f s (%d calls waiting): %s", delay, waiting, e)
+                time.sleep(delay)
+                delay = min(2 * delay, RETRY_MAX_S)
+
+
+def _unreachable(e: Exception) -> bool:
+    """An outage (no connection, a timeout, a 5xx or 429 after MLflow's own retries), as opposed
+    to a request MLflow refuses."""
+    if isinstance(e, MlflowException):
+        return e.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
+    return isinstance(e, (OSError, requests.RequestException))

@@ -21,11 +21,14 @@ metric's definition), so a set mean of +inf is a perfect score, not a failure, a
 +inf matches it. A restoration holding NaN or inf pixels is no image: every metric scores it NaN.
 A champion's NaN score holds no candidate back.
 
-Only the alias moves: no version is deleted. Both versions get a `promotion.<time>.v<c>_vs_v<p>`
-tag holding the comparison table (per metric: input, champion and candidate means, margin, limit,
-verdict and its reason) and the decision as JSON; non-finite numbers are written as the strings
-"nan", "inf", "-inf". The table and the decision are printed, and logged (logger
-`training.promote`). Exit status 0 when it ran (promoted or not), 1 on an error, 2 on bad flags.
+Only the alias moves, and only if it still names the champion the candidate was compared against
+(registry.move_alias, a compare-and-set): of two concurrent promotions against the same champion,
+the second to move fails with PromotionError, changing nothing. No version is deleted. Both
+versions get a `promotion.<time>.v<c>_vs_v<p>` tag holding the comparison table (per metric:
+input, champion and candidate means, margin, limit, verdict and its reason) and the decision as
+JSON; non-finite numbers are written as the strings "nan", "inf", "-inf". The table and the
+decision are printed, and logged (logger `training.promote`). Exit status 0 when it ran (promoted
+or not), 1 on an error, 2 on bad flags.
 """
 
 from __future__ import annotations
@@ -205,9 +208,13 @@ def promote(cfg: PromoteConfig) -> Promotion:
     if cfg.dry_run:
         return result
     if not failed:
-        if registry.alias_version(name, alias) != champion:  # another promotion ran meanwhile
-            raise PromotionError(f"@{alias} moved while scoring (it was v{champion}); nothing changed, run again")
-        registry.set_alias(name, alias, candidate)
+        try:  # compare-and-set: a promotion that ran meanwhile is not overwritten
+            registry.move_alias(name, alias, candidate, expected=champion)
+        except registry.AliasMovedError as e:
+            raise PromotionError(
+                f"v{candidate} was compared against {'v' + champion if champion else 'no champion'}, but {e} "
+                "(another promotion moved it meanwhile); nothing changed: run again to compare against it"
+            ) from e
     now = datetime.now(timezone.utc)
     record = dict(
         decision=decision,

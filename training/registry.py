@@ -13,6 +13,11 @@ Serving loads exactly one version even while the alias moves:
     if alias_version("diffbir", "champion") != info["version"]:  # poll: the alias moved
         ...reload
 
+Promotion moves an alias with `move_alias`, a compare-and-set: it moves only if the alias still
+names the version the candidate was compared against. MLflow updates aliases unconditionally, so
+the check and the move hold a lock, a registered model `<LOCK_PREFIX><name>@<alias>`: creating a
+registered model is atomic in every MLflow store (its name is unique), deleting it releases.
+
 Every function here talks to the store `configure()` (or MLFLOW_TRACKING_URI) points MLflow at.
 """
 
@@ -24,6 +29,9 @@ import os
 import re
 import shutil
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -38,10 +46,21 @@ CACHE_ENV = "DIFFBIR_MODEL_CACHE"  # where downloaded versions are kept (default
 MAX_TAG_LENGTH = 100_000  # MLflow's limit for a registry tag value
 _MODELS_URI = re.compile(r"models:/(?P<name>[^@/]+)(?:@(?P<alias>[^@/]+)|/(?P<version>\d+))")
 URI_FORMS = "models:/<name>@<alias>, models:/<name>/<version> or a platform model directory"
+LOCK_PREFIX = "_lock."  # registered models named so are alias locks, not models
+LOCK_LEASE_S = 120.0  # a lock older than this was left by a holder that died: it may be broken
+LOCK_WAIT_S = 30.0  # how long move_alias waits for another holder (which holds it for milliseconds)
 
 
 class RegistryError(Exception):
     """A registry request that cannot be met: unknown model, version or alias, or a bad URI."""
+
+
+class AliasMovedError(RegistryError):
+    """move_alias found the alias naming another version than the one expected."""
+
+    def __init__(self, name: str, alias: str, expected: str | None, current: str | None):
+        self.current = current
+        super().__init__(f"@{alias} of '{name}' now names {_named(current)}, not {_named(expected)}")
 
 
 def tracking_uri(default_dir: str | Path = DEFAULT_DIR) -> str:
@@ -155,6 +174,16 @@ def set_alias(name: str, alias: str, version: str) -> None:
     client.set_registered_model_alias(name, alias, str(version))
 
 
+def move_alias(name: str, alias: str, version: str, expected: str | None) -> None:
+    """Compare-and-set: point `alias` at `version` only if it still names `expected` (None: no
+    version); else raise AliasMovedError and change nothing."""
+    with _alias_lock(name, alias):
+        current = alias_version(name, alias)
+        if current != expected:
+            raise AliasMovedError(name, alias, expected, current)
+        set_alias(name, alias, version)
+
+
 def set_tags(name: str, version: str, tags: dict[str, str]) -> None:
     """Add tags to a version (a tag of the same key is replaced)."""
     client = MlflowClient()
@@ -178,6 +207,47 @@ def latest_version(name: str) -> str:
     return str(max(versions))
 
 
+def _named(version: str | None) -> str:
+    return f"v{version}" if version else "no version"
+
+
+@contextmanager
+def _alias_lock(name: str, alias: str) -> Iterator[None]:
+    """Hold the lock of `name@alias`: wait while another holder has it, break it when its lease ran out."""
+    client = MlflowClient()
+    lock = f"{LOCK_PREFIX}{name}@{alias}"
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while not _try_lock(client, lock):
+        if time.monotonic() > deadline:
+            raise RegistryError(
+                f"@{alias} of '{name}' is locked by another alias move (registered model '{lock}'); "
+                f"it is released when that move ends, or after {LOCK_LEASE_S:.0f} s if its process died"
+            )
+        time.sleep(0.1)
+    try:
+        yield
+    finally:
+        client.delete_registered_model(lock)
+
+
+def _try_lock(client: MlflowClient, lock: str) -> bool:
+    try:
+        client.create_registered_model(lock, tags={"expires": repr(time.time() + LOCK_LEASE_S)})
+        return True
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    try:
+        expired = float(client.get_registered_model(lock).tags.get("expires", 0)) < time.time()
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return False  # released meanwhile: try again
+    if expired:  # its holder died holding it (clocks of the hosts agree to well within the lease)
+        client.delete_registered_model(lock)
+    return False
+
+
 def _sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")).resolve() if uri.startswith("sqlite:///") else None
 
@@ -195,7 +265,8 @@ def _registered_model(client: MlflowClient, name: str) -> RegisteredModel:
     except MlflowException as e:
         if e.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
-        known = ", ".join(sorted(m.name for m in client.search_registered_models())) or "none"
+        models = (m.name for m in client.search_registered_models())
+        known = ", ".join(sorted(n for n in models if not n.startswith(LOCK_PREFIX))) or "none"
         raise RegistryError(f"no registered model named '{name}' (registered: {known})") from e
 
 

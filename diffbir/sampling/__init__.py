@@ -3,12 +3,14 @@
 from diffbir.sampling.denoiser import (
     Denoiser,
     NoiseFn,
+    StateGuidance,
     Step,
     X0Hook,
     cfg_model,
     gaussian_noise,
     initial_latent,
     stored_noise,
+    x0_coef,
 )
 from diffbir.sampling.edm import EDM_SAMPLERS, EDMOptions
 from diffbir.sampling.guidance import RestorationGuidance, guidance_loss, weight_map
@@ -24,6 +26,7 @@ __all__ = [
     "NoiseSchedule",
     "RestorationGuidance",
     "SpacedSchedule",
+    "StateGuidance",
     "Step",
     "X0Hook",
     "cfg_model",
@@ -35,4 +38,5 @@ __all__ = [
     "stored_noise",
     "train_betas",
     "weight_map",
+    "x0_coef",
 ]

@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 
 from diffbir.config import DiffusionConfig
-from diffbir.sampling.schedules import NoiseSchedule, posterior_x0_coef
+from diffbir.sampling.schedules import NoiseSchedule
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> eps | v
 
@@ -48,16 +48,49 @@ class Step:
 
     t: float  # the training timestep the network saw
     alpha_bar: float  # noise level of this evaluation
-    alpha_bar_next: float  # the next lower noise level of the sampler's schedule (1.0 at the end)
+    x0_coef: float  # how far the sampler's next state moves per unit change of this x0 (see x0_coef)
 
-    @property
-    def x0_coef(self) -> float:
-        """DDPM posterior-mean weight of x0 between the two levels: the spaced DDPM's
-        posterior_mean_coef1, and the analogous schedule quantity for every other sampler."""
-        return posterior_x0_coef(self.alpha_bar, self.alpha_bar_next)
+
+def x0_coef(alpha_bar: float, alpha_bar_next: float, eta: float = 1.0) -> float:
+    """How far a sampler's next (variance-preserving) state moves per unit change of x0 in its step
+    from noise level alpha_bar to alpha_bar_next, at first order.
+
+    A first-order step in sigma space is x_next = r x + (1 - r) x0 with r = (sigma_next / sigma)^(1 + eta):
+    eta 0 for the probability-flow ODE (DDIM, Euler, Heun, DPM-Solver++ 2M, LMS), eta 1 for DDPM and
+    the ancestral and SDE solvers at full noise - where this is exactly the DDPM posterior-mean weight
+    of x0 (the spaced schedule's posterior_mean_coef1). In VP units it is divided by sqrt(1 + sigma_next^2)."""
+    if alpha_bar_next >= 1:  # the last step lands on x0 itself
+        return 1.0
+    ratio2 = (1 - alpha_bar_next) * alpha_bar / ((1 - alpha_bar) * alpha_bar_next)  # (sigma_next / sigma)^2
+    return (1 - ratio2 ** ((1 + eta) / 2)) * math.sqrt(alpha_bar_next)
 
 
 X0Hook = Callable[[torch.Tensor, Step], torch.Tensor]
+
+
+class StateGuidance:
+    """An x0 hook applied as a shift of the sampler's state after its step: each evaluation's
+    x0_coef * (hook(x0) - x0) * share (VP units), while the sampler itself goes on with the network's
+    own x0. To first order this is what a first-order sampler does with the hook's x0; unlike it, the
+    multistep solvers (DPM-Solver++ 2M/3M, LMS) keep the network's x0 in their history - the hook's
+    change entering their difference terms would be amplified in one step and undone in the next - and
+    a step with k evaluations (Heun, DPM-2) gives each the share 1/k. So every sampler moves its next
+    state by what the hook asked for, once per step (the calibration rule of RestorationGuidance)."""
+
+    def __init__(self, hook: X0Hook):
+        self.hook = hook
+        self.pending: torch.Tensor | None = None
+
+    def observe(self, x0: torch.Tensor, step: Step, share: float = 1.0) -> None:
+        shift = (self.hook(x0, step) - x0) * (step.x0_coef * share)
+        self.pending = shift if self.pending is None else self.pending + shift
+
+    def apply(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """The state after a step plus the pending shift, `scale` state units per VP unit."""
+        if self.pending is None:
+            return x
+        x, self.pending = x + self.pending * scale, None
+        return x
 
 
 def rescaled_cfg_scale(cfg_scale: float, t: float) -> float:

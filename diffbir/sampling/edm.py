@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from numpy.polynomial import Polynomial
 
-from diffbir.sampling.denoiser import Denoiser, NoiseFn, Step, X0Hook
+from diffbir.sampling.denoiser import Denoiser, NoiseFn, StateGuidance, Step, X0Hook, x0_coef
 from diffbir.sampling.schedules import NoiseSchedule
 
 Callback = Callable[[int, torch.Tensor], None]
-Denoised = Callable[[torch.Tensor, float, float], torch.Tensor]  # (x, sigma, next lower sigma) -> x0
+Denoised = Callable[[torch.Tensor, float, int], torch.Tensor]  # (x, sigma, step index) -> x0
 MAX_CHURN = math.sqrt(2) - 1
 
 
@@ -73,18 +73,29 @@ class EDMSchedule:
         return self.timesteps[min(range(len(self.sigmas)), key=lambda k: abs(sigma - self.sigmas[k]))]
 
 
-def edm_denoiser(den: Denoiser, schedule: EDMSchedule, x0_hook: X0Hook | None = None) -> Denoised:
-    """The reference's D(x, sigma), then the hook (its Step: this sigma's and the next level's alpha_bar)."""
+def edm_denoiser(
+    den: Denoiser,
+    sigmas: list[float],
+    timestep: Callable[[float], float],
+    guidance: StateGuidance | None = None,
+    x0_use: tuple[float, int] = (0.0, 1),
+) -> Denoised:
+    """The reference's D(x, sigma) on the schedule `sigmas`; the network sees `timestep(sigma)`.
+    `guidance` observes each x0 with its step's x0_coef and a share of 1 / evaluations; x0_use =
+    (eta, model evaluations per step) of the solver (a step into sigma 0 evaluates once)."""
     eps = den.config.parameterization == "eps"
+    eta, evaluations = x0_use
 
-    def denoised(x: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
-        t = schedule.timestep(sigma)
+    def denoised(x: torch.Tensor, sigma: float, i: int) -> torch.Tensor:
+        t = timestep(sigma)
         c_in = 1 / math.sqrt(sigma**2 + 1)
         out = den(x * c_in, t)
         x0 = x - sigma * out if eps else x * c_in**2 - (sigma * c_in) * out
-        if x0_hook is None:
-            return x0
-        return x0_hook(x0, Step(float(t), 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)))
+        if guidance is not None:
+            ab, ab_next = (1 / (1 + v**2) for v in sigmas[i : i + 2])
+            step = Step(float(t), 1 / (1 + sigma**2), x0_coef(ab, ab_next, eta))
+            guidance.observe(x0, step, 1 / (evaluations if sigmas[i + 1] > 0 else 1))
+        return x0
 
     return denoised
 
@@ -122,69 +133,66 @@ def _churn(x: torch.Tensor, s: list[float], i: int, draw: _Draws, o: EDMOptions)
     return x, sigma_hat
 
 
-def _next(s: list[float], i: int) -> float:
-    return s[i] if i < len(s) else 0.0
-
-
-# The solvers: solver(x, s, D, draw, callback, o) -> z_0, each k-diffusion's sample_<name> step for step
+# The solvers: solver(x, s, D, draw, done, o) -> z_0, each k-diffusion's sample_<name> step for step
 # (the same updates, evaluations and draws in the same order). x: the state at sigma s[0]; s: the
-# sigmas, ending in 0; D: edm_denoiser; draw: the run's _Draws; callback(i, x) after step i; o: EDMOptions.
+# sigmas, ending in 0; D: edm_denoiser; draw: the run's _Draws; x = done(i, x) after step i (guidance's
+# state shift, the callback); o: EDMOptions.
 Solver = Callable[[torch.Tensor, list[float], Denoised, _Draws, Callback, EDMOptions], torch.Tensor]
 
 
-def euler(x, s, D, draw, callback, o):
+def euler(x, s, D, draw, done, o):
     for i in range(len(s) - 1):
         x, sigma_hat = _churn(x, s, i, draw, o)
-        d = (x - D(x, sigma_hat, s[i + 1])) / sigma_hat
+        d = (x - D(x, sigma_hat, i)) / sigma_hat
         x = x + d * (s[i + 1] - sigma_hat)
-        callback(i, x)
+        x = done(i, x)
     return x
 
 
-def heun(x, s, D, draw, callback, o):
+def heun(x, s, D, draw, done, o):
     for i in range(len(s) - 1):
         x, sigma_hat = _churn(x, s, i, draw, o)
-        d = (x - D(x, sigma_hat, s[i + 1])) / sigma_hat
+        d = (x - D(x, sigma_hat, i)) / sigma_hat
         dt = s[i + 1] - sigma_hat
         if s[i + 1] == 0:
             x = x + d * dt
         else:
             x_2 = x + d * dt
-            d_2 = (x_2 - D(x_2, s[i + 1], _next(s, i + 2))) / s[i + 1]
+            d_2 = (x_2 - D(x_2, s[i + 1], i)) / s[i + 1]
             x = x + (d + d_2) / 2 * dt
-        callback(i, x)
+        x = done(i, x)
     return x
 
 
-def dpm_2(x, s, D, draw, callback, o):
+def dpm_2(x, s, D, draw, done, o):
     for i in range(len(s) - 1):
         x, sigma_hat = _churn(x, s, i, draw, o)
-        d = (x - D(x, sigma_hat, s[i + 1])) / sigma_hat
+        d = (x - D(x, sigma_hat, i)) / sigma_hat
         if s[i + 1] == 0:
             x = x + d * (s[i + 1] - sigma_hat)
         else:
             mid = math.sqrt(sigma_hat * s[i + 1])  # the midpoint in log sigma
             x_2 = x + d * (mid - sigma_hat)
-            d_2 = (x_2 - D(x_2, mid, s[i + 1])) / mid
+            d_2 = (x_2 - D(x_2, mid, i)) / mid
             x = x + d_2 * (s[i + 1] - sigma_hat)
-        callback(i, x)
+        x = done(i, x)
     return x
 
 
-def euler_a(x, s, D, draw, callback, o):
+def euler_a(x, s, D, draw, done, o):
     for i in range(len(s) - 1):
-        x0 = D(x, s[i], s[i + 1])
+        x0 = D(x, s[i], i)
         down, up = _ancestral(s[i], s[i + 1], o.eta)
         x = x + (x - x0) / s[i] * (down - s[i])
         if s[i + 1] > 0:
             x = x + draw(x) * o.s_noise * up
-        callback(i, x)
+        x = done(i, x)
     return x
 
 
-def dpm_2_a(x, s, D, draw, callback, o):
+def dpm_2_a(x, s, D, draw, done, o):
     for i in range(len(s) - 1):
-        x0 = D(x, s[i], s[i + 1])
+        x0 = D(x, s[i], i)
         down, up = _ancestral(s[i], s[i + 1], o.eta)
         d = (x - x0) / s[i]
         if down == 0:
@@ -192,9 +200,9 @@ def dpm_2_a(x, s, D, draw, callback, o):
         else:
             mid = math.sqrt(s[i] * down)
             x_2 = x + d * (mid - s[i])
-            d_2 = (x_2 - D(x_2, mid, down)) / mid  # sigma_down: where this deterministic step lands
+            d_2 = (x_2 - D(x_2, mid, i)) / mid
             x = x + d_2 * (down - s[i]) + draw(x) * o.s_noise * up
-        callback(i, x)
+        x = done(i, x)
     return x
 
 
@@ -209,20 +217,20 @@ def _lms_coefficient(t: list[float], i: int, j: int, order: int) -> float:
     return float(q(t[i + 1]) - q(t[i]))
 
 
-def lms(x, s, D, draw, callback, o):
+def lms(x, s, D, draw, done, o):
     ds: list[torch.Tensor] = []
     for i in range(len(s) - 1):
-        ds = [*ds, (x - D(x, s[i], s[i + 1])) / s[i]][-o.order :]
+        ds = [*ds, (x - D(x, s[i], i)) / s[i]][-o.order :]
         order = min(i + 1, o.order)
         coefficients = [_lms_coefficient(s, i, j, order) for j in range(order)]
         x = x + sum(c * d for c, d in zip(coefficients, reversed(ds)))
-        callback(i, x)
+        x = done(i, x)
     return x
 
 
-def dpmpp_2s_a(x, s, D, draw, callback, o):
+def dpmpp_2s_a(x, s, D, draw, done, o):
     for i in range(len(s) - 1):
-        x0 = D(x, s[i], s[i + 1])
+        x0 = D(x, s[i], i)
         down, up = _ancestral(s[i], s[i + 1], o.eta)
         if down == 0:
             x = x + (x - x0) / s[i] * (down - s[i])
@@ -230,17 +238,17 @@ def dpmpp_2s_a(x, s, D, draw, callback, o):
             h = _t(down) - _t(s[i])
             mid = math.sqrt(s[i] * down)
             x_2 = (mid / s[i]) * x - math.expm1(-h / 2) * x0
-            x = (down / s[i]) * x - math.expm1(-h) * D(x_2, mid, down)
+            x = (down / s[i]) * x - math.expm1(-h) * D(x_2, mid, i)
         if s[i + 1] > 0:
             x = x + draw(x) * o.s_noise * up
-        callback(i, x)
+        x = done(i, x)
     return x
 
 
-def dpmpp_sde(x, s, D, draw, callback, o):
+def dpmpp_sde(x, s, D, draw, done, o):
     """DPM-Solver++ (stochastic), r = 1/2: two Brownian draws per step (sigma_i -> mid, sigma_i -> sigma_i+1)."""
     for i in range(len(s) - 1):
-        x0 = D(x, s[i], s[i + 1])
+        x0 = D(x, s[i], i)
         if s[i + 1] == 0:
             x = x + (x - x0) / s[i] * (s[i + 1] - s[i])
         else:
@@ -249,18 +257,18 @@ def dpmpp_sde(x, s, D, draw, callback, o):
             down, up = _ancestral(s[i], mid, o.eta)
             x_2 = (down / s[i]) * x - math.expm1(t - _t(down)) * x0
             x_2 = x_2 + draw(x) * o.s_noise * up
-            x0_2 = D(x_2, mid, s[i + 1])
+            x0_2 = D(x_2, mid, i)
             down, up = _ancestral(s[i], s[i + 1], o.eta)
             x = (down / s[i]) * x - math.expm1(t - _t(down)) * x0_2  # fac = 1: only the midpoint estimate
             x = x + draw(x) * o.s_noise * up
-        callback(i, x)
+        x = done(i, x)
     return x
 
 
-def dpmpp_2m(x, s, D, draw, callback, o):
+def dpmpp_2m(x, s, D, draw, done, o):
     x0_1 = None
     for i in range(len(s) - 1):
-        x0 = D(x, s[i], s[i + 1])
+        x0 = D(x, s[i], i)
         if s[i + 1] == 0:
             x = x0
         else:
@@ -272,15 +280,15 @@ def dpmpp_2m(x, s, D, draw, callback, o):
                 x0_d = x0
             x = (s[i + 1] / s[i]) * x - math.expm1(-h) * x0_d
         x0_1 = x0
-        callback(i, x)
+        x = done(i, x)
     return x
 
 
-def dpmpp_2m_sde(x, s, D, draw, callback, o):
+def dpmpp_2m_sde(x, s, D, draw, done, o):
     """DPM-Solver++(2M) SDE, midpoint variant (k-diffusion's default)."""
     x0_1 = h_1 = None
     for i in range(len(s) - 1):
-        x0 = D(x, s[i], s[i + 1])
+        x0 = D(x, s[i], i)
         if s[i + 1] == 0:
             x = x0
         else:
@@ -293,14 +301,14 @@ def dpmpp_2m_sde(x, s, D, draw, callback, o):
                 x = x + draw(x) * s[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * o.s_noise
             h_1 = h
         x0_1 = x0
-        callback(i, x)
+        x = done(i, x)
     return x
 
 
-def dpmpp_3m_sde(x, s, D, draw, callback, o):
+def dpmpp_3m_sde(x, s, D, draw, done, o):
     x0_1 = x0_2 = h_1 = h_2 = None
     for i in range(len(s) - 1):
-        x0 = D(x, s[i], s[i + 1])
+        x0 = D(x, s[i], i)
         if s[i + 1] == 0:
             x = x0
         else:
@@ -320,7 +328,7 @@ def dpmpp_3m_sde(x, s, D, draw, callback, o):
                 x = x + draw(x) * s[i + 1] * math.sqrt(-math.expm1(-2 * h * o.eta)) * o.s_noise
             h_1, h_2 = h, h_1
         x0_1, x0_2 = x0, x0_1
-        callback(i, x)
+        x = done(i, x)
     return x
 
 
@@ -336,6 +344,21 @@ EDM_SOLVERS: dict[str, Solver] = {
     "edm_dpm++_2m": dpmpp_2m,
     "edm_dpm++_2m_sde": dpmpp_2m_sde,
     "edm_dpm++_3m_sde": dpmpp_3m_sde,
+}
+# How a solver uses each evaluation's x0, for guidance calibration: (adds fresh noise - then its
+# eta sets the step's x0 weight, else the ODE's -, model evaluations per step). Churn is ignored.
+_X0_USE: dict[str, tuple[bool, int]] = {
+    "edm_euler": (False, 1),
+    "edm_euler_a": (True, 1),
+    "edm_heun": (False, 2),
+    "edm_dpm_2": (False, 2),
+    "edm_dpm_2_a": (True, 2),
+    "edm_lms": (False, 1),
+    "edm_dpm++_2s_a": (True, 2),
+    "edm_dpm++_sde": (True, 2),
+    "edm_dpm++_2m": (False, 1),
+    "edm_dpm++_2m_sde": (True, 1),
+    "edm_dpm++_3m_sde": (True, 1),
 }
 EDM_SAMPLERS = tuple(EDM_SOLVERS)
 
@@ -353,17 +376,41 @@ def sample_edm(
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """z_0 from x_T (the variance-preserving latent at the last training timestep) with `steps`
-    steps of the EDM solver `sampler` (one of EDM_SAMPLERS); `callback(i, x)` gets the
-    variance-exploding state after step i (the last one is z_0)."""
+    steps of the EDM solver `sampler` (one of EDM_SAMPLERS) on the reference's schedule;
+    `callback(i, x)` gets the variance-exploding state after step i (the last one is z_0)."""
     schedule = EDMSchedule.create(den.schedule, steps)
-    s = list(schedule.sigmas)
-    x = x_T * math.sqrt(1 + s[0] ** 2)
-    solver = EDM_SOLVERS[sampler]
-    return solver(
-        x,
-        s,
-        edm_denoiser(den, schedule, x0_hook),
+    return sample_sigmas(den, x_T, sampler, list(schedule.sigmas), schedule.timestep, options, x0_hook, noise, callback)
+
+
+def sample_sigmas(
+    den: Denoiser,
+    x_T: torch.Tensor,
+    sampler: str,
+    sigmas: list[float],
+    timestep: Callable[[float], float],
+    options: EDMOptions | None,
+    x0_hook: X0Hook | None,
+    noise: NoiseFn,
+    callback: Callback | None,
+) -> torch.Tensor:
+    """Run the solver `sampler` over `sigmas` (descending, ending in 0) from the VP latent x_T; the
+    network sees timestep(sigma). The EDM path and the Karras-sigma samplers both run here."""
+    o = options or EDMOptions()
+    noisy, evaluations = _X0_USE[sampler]
+    guidance = StateGuidance(x0_hook) if x0_hook is not None else None
+
+    def done(i: int, x: torch.Tensor) -> torch.Tensor:
+        if guidance is not None:
+            x = guidance.apply(x, math.sqrt(1 + sigmas[i + 1] ** 2))  # VP to the variance-exploding state
+        if callback is not None:
+            callback(i, x)
+        return x
+
+    return EDM_SOLVERS[sampler](
+        x_T * math.sqrt(1 + sigmas[0] ** 2),
+        sigmas,
+        edm_denoiser(den, sigmas, timestep, guidance, (o.eta if noisy else 0.0, evaluations)),
         _Draws(noise),
-        callback or (lambda i, x: None),
-        options or EDMOptions(),
+        done,
+        o,
     )

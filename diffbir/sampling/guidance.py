@@ -4,9 +4,11 @@ and SpacedSampler.apply_cond_fn; golden README §6), as an x0 hook that works wi
 At each model evaluation with t_stop < t+1 < t_start, `repeat` times:
   loss = sum_batch mean_{c,h,w} W * (pred - target)^2,  pred = D(x0) (rgb) or x0 (latent)
   g = -3000 * scale * dloss/dpred;  x0 <- x0 + (J_D^T g or g) / c
-where c = step.x0_coef: the spaced DDPM's posterior_mean_coef1 (the reference's divisor, which makes
-the step on the posterior mean equal to g), and for other samplers the same DDPM posterior weight
-between their current and next noise level - one user scale means the same push per step.
+where c = step.x0_coef, the sampler's own weight of this x0 in its next state (denoiser.x0_coef).
+The rule: one user scale moves the sampler's next state by J^T g per step, whatever the sampler.
+For the spaced DDPM c is posterior_mean_coef1, the reference's divisor (its posterior mean moves by
+g); a deterministic sampler weighs x0 about half as much per step, so its x0 moves twice as far; a
+sampler that evaluates the model twice per step (Heun, DPM-2) splits the push between the two.
 
 Cost per repetition in pixel space: one VAE decoder forward and one backward (a vector-Jacobian
 product to x0 only - no parameter gradients); the logged loss comes from that same forward.
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from diffbir.sampling.denoiser import NoiseFn, Step, gaussian_noise
-from diffbir.sampling.tiling import tiled_vae_decode, tiled_vae_decode_vjp
+from diffbir.sampling.tiling import tiled_apply, tiled_vae_decode, tiled_vae_decode_vjp
 
 REFERENCE_SCALE = 3000.0  # the reference multiplies the user's scale by this
 _GRAY = (0.2989, 0.5870, 0.1140)
@@ -63,9 +65,10 @@ class GuidanceUpdate:
 class RestorationGuidance:
     """x0 hook pulling the sample towards `target` (the stage-1 restoration in [-1, 1], the size of
     the decoded latent). `scale` is the user's scale; `noise` draws the latent-space target's
-    posterior samples. `decode_tiles` = (latent tile size, overlap): in pixel space, decode and
-    carry the gradient back tile by tile (tiled_vae_decode and its exact vector-Jacobian
-    product), so memory stays that of one tile; the cost is one more decoder forward per tile."""
+    posterior samples. `tiles` = (latent tile size, overlap): in pixel space, decode and carry the
+    gradient back tile by tile (tiled_vae_decode and its exact vector-Jacobian product), so memory
+    stays that of one tile (the cost: one more decoder forward per tile); in latent space, encode
+    the target tile by tile (posterior mean and std blended like tiled_vae_encode)."""
 
     def __init__(
         self,
@@ -79,11 +82,11 @@ class RestorationGuidance:
         t_start: float = 1001,
         t_stop: float = -1,
         noise: NoiseFn | None = None,
-        decode_tiles: tuple[int, int] | None = None,
+        tiles: tuple[int, int] | None = None,
     ):
         if space not in ("rgb", "latent"):
             raise ValueError(f"guidance space must be 'rgb' or 'latent', got {space!r}")
-        self.cldm, self.space, self.repeat, self.decode_tiles = cldm, space, repeat, decode_tiles
+        self.cldm, self.space, self.repeat, self.tiles = cldm, space, repeat, tiles
         self.scale = REFERENCE_SCALE * scale
         self.t_start, self.t_stop = t_start, t_stop
         self.target = target
@@ -91,17 +94,28 @@ class RestorationGuidance:
         self.losses: list[float] = []  # every repetition's loss, in order
         if space == "latent":
             # encoded once; each repetition draws a fresh posterior sample, as the reference does
-            with torch.no_grad():
-                self._posterior = cldm.vae.encode(target).latent_dist
+            self._mean, self._std = self._encode(target)
             self._noise, self._draws = noise or gaussian_noise(), 0
             if self.weight is not None:  # the reference crashes here (3-channel W on a 4-channel latent)
-                self.weight = F.avg_pool2d(self.weight, target.shape[-1] // self._posterior.mean.shape[-1])
+                self.weight = F.avg_pool2d(self.weight, target.shape[-1] // self._mean.shape[-1])
+
+    @torch.no_grad()
+    def _encode(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target's VAE posterior (mean, std), tile by tile when tiling."""
+
+        def moments(image: torch.Tensor) -> torch.Tensor:
+            posterior = self.cldm.vae.encode(image).latent_dist
+            return torch.cat([posterior.mean, posterior.std], 1)
+
+        if self.tiles is None:
+            return moments(target).chunk(2, 1)
+        tile, overlap = self.tiles
+        return tiled_apply(moments, target, tile * 8, overlap * 8, 1 / 8).chunk(2, 1)
 
     def _target(self) -> torch.Tensor:
         if self.space == "rgb":
             return self.target
-        post = self._posterior
-        z = post.mean + post.std * self._noise(post.mean, self._draws)
+        z = self._mean + self._std * self._noise(self._mean, self._draws)
         self._draws += 1
         return z * self.cldm.latent_scale_factor
 
@@ -109,7 +123,7 @@ class RestorationGuidance:
         """One guidance repetition with x0 coefficient `coef`."""
         target = self._target()
         rgb = self.space == "rgb"
-        if rgb and self.decode_tiles:
+        if rgb and self.tiles:
             return self._tiled_update(x0, target, coef)
         with torch.enable_grad():
             x0 = x0.detach().requires_grad_(rgb)
@@ -123,12 +137,12 @@ class RestorationGuidance:
 
     def _tiled_update(self, x0: torch.Tensor, target: torch.Tensor, coef: float) -> GuidanceUpdate:
         with torch.no_grad():
-            pred = tiled_vae_decode(self.cldm, x0, *self.decode_tiles)
+            pred = tiled_vae_decode(self.cldm, x0, *self.tiles)
         with torch.enable_grad():
             leaf = pred.float().requires_grad_(True)
             loss = guidance_loss(leaf, target, self.weight)
             g = -self.scale * torch.autograd.grad(loss, leaf)[0]
-        delta = tiled_vae_decode_vjp(self.cldm, x0, g, *self.decode_tiles)
+        delta = tiled_vae_decode_vjp(self.cldm, x0, g, *self.tiles)
         self.losses.append(loss.item())
         return GuidanceUpdate(x0 + delta / coef, self.losses[-1], g, delta, pred.detach(), target)
 

@@ -119,9 +119,3 @@ class SpacedSchedule:
             posterior_mean_coef1=betas * acp_prev.sqrt() / (1 - acp),
             posterior_mean_coef2=(1 - acp_prev) * (1 - betas).sqrt() / (1 - acp),
         )
-
-
-def posterior_x0_coef(alpha_bar: float, alpha_bar_next: float) -> float:
-    """Weight of x0 in the DDPM posterior mean q(x_next | x_t, x0) for a step from noise level
-    alpha_bar to alpha_bar_next (= the spaced schedule's posterior_mean_coef1; 1 for the last step)."""
-    return (1 - alpha_bar / alpha_bar_next) * math.sqrt(alpha_bar_next) / (1 - alpha_bar)
