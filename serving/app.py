@@ -1,6 +1,6 @@
 """The DiffBIR restoration API on Ray Serve: one deployment whose replicas each load the model
 once (by registry URI), group concurrent requests into batches (`@serve.batch`) and answer over
-a FastAPI ingress. Its OpenAPI schema is at /openapi.json, interactive docs at /docs.
+a FastAPI ingress. Its OpenAPI schema is at /openapi.json, interactive docs at /docs (api_docs).
 
     python -m serving.app --config serving/configs/serve.yaml       # make serve
     serve run serving/configs/serve_deploy.yaml                     # the same app, Serve's CLI
@@ -13,18 +13,25 @@ batches already running finish on the old one and say so in their headers.
 # No `from __future__ import annotations` here: Serve rebuilds the route methods' signatures in
 # its own module, where FastAPI could not resolve string annotations (Request would become a query).
 import asyncio
+import hashlib
 import hmac
 import logging
+import math
 import os
 import secrets
 import signal
 import sys
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
@@ -33,7 +40,7 @@ from starlette.exceptions import HTTPException
 
 from diffbir.config import load_config
 from diffbir.image_io import ImageError, decode_image, encode_image
-from diffbir.pipeline import RestoreOptions
+from diffbir.pipeline import RestoreOptions, plan_sizes
 from pipelines.ray_env import ensure_ray
 from serving.config import ServeConfig, parse_config
 from serving.limits import (
@@ -41,13 +48,22 @@ from serving.limits import (
     OUTPUT_TYPES,
     ApiError,
     check_image_header,
-    check_work_size,
+    check_work,
     negotiate,
     read_body,
     restore_options,
     split_upload,
 )
-from serving.model import BatchStats, Job, ServedModel, load_served_model
+from serving.model import (
+    BatchStats,
+    DeadlineError,
+    Job,
+    ServedModel,
+    Watchdog,
+    load_served_model,
+    public_uri,
+    restore_isolated,
+)
 from training import registry
 
 STATIC = Path(__file__).with_name("static")
@@ -58,8 +74,11 @@ api = FastAPI(
     version="1",
     description="Blind image restoration (super-resolution, face, denoise) with DiffBIR. Errors are JSON: "
     '`{"error": code, "message": text, "field": first bad field, "errors": [{"field", "message"}]}`.',
+    docs_url=None,  # /docs only where api_docs enables it (Swagger UI loads its scripts from a CDN)
+    redoc_url=None,
 )
-bearer = HTTPBearer(auto_error=False, description="the server's token (config auth_token or $DIFFBIR_SERVE_TOKEN)")
+bearer = HTTPBearer(auto_error=False, description="the server's token (auth_token_file or $DIFFBIR_SERVE_TOKEN)")
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
 def _option_parameters() -> list[dict]:
@@ -103,10 +122,14 @@ RESTORE_DOC = dict(
         },
         400: _error("malformed multipart body"),
         401: _error("missing or wrong bearer token"),
+        403: _error("a browser's cross-site request (its Origin is not this server)"),
         406: _error("no acceptable output type"),
         413: _error("body or image too large (checked on the header, before decoding)"),
         415: _error(f"not an image, or not one of {', '.join(FORMAT_NAMES)}"),
-        422: _error("bad option (the field is named), no image, or truncated/corrupt image data"),
+        422: _error("bad option or one over the server's limits (the field is named), no image, or corrupt data"),
+        500: _error("restoration failed; the message holds an error id for the server's log"),
+        503: _error("the replica holds as many images as it may, or the queue is full: retry after Retry-After"),
+        504: _error("not restored within the server's request_timeout_s"),
     },
     openapi_extra={
         "parameters": _option_parameters(),
@@ -126,8 +149,33 @@ RESTORE_DOC = dict(
 
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, e: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else e.headers
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, e: Exception) -> JSONResponse:
+    return internal_error(e)
+
+
+def internal_error(e: BaseException) -> JSONResponse:
+    """A 500 that tells the client only an id; the detail goes to the log under it."""
+    error_id = uuid.uuid4().hex[:12]
+    logger.error("error %s: %r", error_id, e, exc_info=e)
+    message = f"internal error (error id {error_id})"
+    return JSONResponse({"error": "internal_error", "message": message, "error_id": error_id}, status_code=500)
+
+
+@api.middleware("http")
+async def _refuse_cross_site_writes(request: Request, call_next):
+    """A browser sends Origin with every cross-site POST (a form on another site included); only
+    this server's own page may write. Clients that are not browsers send no Origin."""
+    origin = request.headers.get("origin")
+    cross_site = origin is not None and urlsplit(origin).netloc != request.headers.get("host")
+    if request.method not in SAFE_METHODS and cross_site:
+        message = f"cross-site request from {origin!r} refused: call the API from this server's page or without Origin"
+        return JSONResponse({"error": "cross_origin", "message": message}, status_code=403)
+    return await call_next(request)
 
 
 @api.exception_handler(HTTPException)
@@ -135,6 +183,13 @@ async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
     """FastAPI's own refusals (unknown path, wrong method) in the same JSON shape."""
     code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
     return JSONResponse({"error": code, "message": str(e.detail)}, status_code=e.status_code, headers=e.headers)
+
+
+# Helpers of the deployment class live above it: Serve pickles the class where it is decorated.
+def _same_secret(given: str, token: str) -> bool:
+    """Constant time whatever the lengths: compare digests, not the strings."""
+    digest = lambda text: hashlib.sha256(text.encode()).digest()  # noqa: E731
+    return hmac.compare_digest(digest(given), digest(token))
 
 
 @dataclass(frozen=True)
@@ -149,10 +204,13 @@ class Restored:
 class RestorationService:
     def __init__(self, config: dict, tracking_uri: str):
         self.cfg = ServeConfig(**config)
+        self.token = self.cfg.auth_token()  # from this node's file or environment, never the deployment's args
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # the store the app builder chose
         registry.configure()
-        self.model = load_served_model(self.cfg, registry.version_info(self.cfg.model_uri))
+        self.watchdog = Watchdog(grace_s=self.cfg.request_timeout_s)
+        self.model = load_served_model(self.cfg, registry.version_info(self.cfg.model_uri), self.watchdog)
         self.stats = BatchStats()
+        self.held_pixels = 0  # decoded inputs and outputs of the requests in this replica
         self._reload_lock = asyncio.Lock()
         self._restore_batch.set_max_batch_size(self.cfg.max_batch_size)
         self._restore_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
@@ -161,13 +219,23 @@ class RestorationService:
         logger.info("serving %s v%s from %s", self.cfg.model_uri, self.model.version, self.model.info["uri"])
 
     def _authorize(self, credentials: HTTPAuthorizationCredentials | None) -> None:
-        token = self.cfg.auth_token
-        if token and not (credentials and hmac.compare_digest(credentials.credentials.encode(), token.encode())):
+        if self.token and not (credentials and _same_secret(credentials.credentials, self.token)):
             raise ApiError(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer <token>)")
+
+    async def check_health(self) -> None:
+        """Serve calls this every health_check_period_s; raising makes it replace the replica."""
+        if self.watchdog.hung():
+            raise RuntimeError("a model call has run far past its deadline: the replica hangs")
 
     @api.get("/", include_in_schema=False)
     async def page(self) -> FileResponse:
         return FileResponse(STATIC / "index.html")
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self) -> Response:
+        if not self.cfg.api_docs:
+            raise HTTPException(404, "Not Found")
+        return get_swagger_ui_html(openapi_url="openapi.json", title=api.title)
 
     @api.get("/healthz", summary="Liveness and the version served (no token needed)")
     async def healthz(self) -> dict:
@@ -176,14 +244,16 @@ class RestorationService:
     @api.get("/v1/model", summary="The model this replica serves: version, URIs, lineage tags, part configs")
     async def model_info(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
         self._authorize(credentials)
-        return {"requested_uri": self.cfg.model_uri, **self.model.describe(), "defaults": self.cfg.defaults}
+        requested = public_uri(self.cfg.model_uri)
+        return {"requested_uri": requested, **self.model.describe(), "defaults": self.cfg.defaults}
 
     @api.get(
         "/v1/stats", summary="This replica's batches: sizes seen, pipeline calls, restore time, requests restoring now"
     )
     async def stats_info(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
         self._authorize(credentials)
-        return {"replica": serve.get_replica_context().replica_id.unique_id, **self.stats.summary()}
+        cache = {"text_contexts": len(self.model.pipeline.contexts), "held_pixels": self.held_pixels}
+        return {"replica": serve.get_replica_context().replica_id.unique_id, **self.stats.summary(), **cache}
 
     @api.post(
         "/v1/reload",
@@ -201,36 +271,50 @@ class RestorationService:
             changed = await self._refresh()
         except registry.RegistryError as e:
             raise ApiError(409, "registry_error", f"{e}; still serving v{previous}") from e
-        return {"previous": previous, "version": self.model.version, "uri": self.model.info["uri"], "changed": changed}
+        return {"previous": previous, "version": self.model.version, "uri": self.model.public_uri, "changed": changed}
 
     @api.post("/v1/restore", **RESTORE_DOC)
     async def restore(
         self, request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
     ) -> Response:
         self._authorize(credentials)
+        deadline = time.monotonic() + self.cfg.request_timeout_s
+        try:
+            async with asyncio.timeout(self.cfg.request_timeout_s):
+                return await self._restore(request, deadline)
+        except TimeoutError as e:
+            raise self._timed_out() from e
+
+    def _timed_out(self) -> ApiError:
+        return ApiError(504, "timeout", f"not restored within request_timeout_s ({self.cfg.request_timeout_s:g} s)")
+
+    async def _restore(self, request: Request, deadline: float) -> Response:
         media_type = negotiate(request.headers.get("accept"))
         body = await read_body(request.headers, request.stream(), self.cfg.max_body_bytes)
         data, form = await split_upload(request.headers, body)
         fields = {**request.query_params, **form}
         if "seed" not in fields and "seed" not in self.cfg.defaults:
             fields["seed"] = str(secrets.randbelow(2**31))
-        opts = restore_options(fields, self.cfg.defaults, self.cfg.max_steps)
+        opts = self.model.pipeline.options(restore_options(fields, self.cfg.defaults))
         width, height = check_image_header(data, self.cfg.max_input_pixels)
-        check_work_size(width, height, opts, self.cfg.max_work_pixels)
-        try:
-            image, info = await asyncio.to_thread(decode_image, data, "upload", self.cfg.max_input_pixels)
-        except ImageError as e:
-            raise ApiError(422, "corrupt_image", str(e)) from e
-        result = await self._restore_batch(Job(image, opts))
-        if isinstance(result.image, Exception):
-            logger.error("restoration failed: %r", result.image)
-            return JSONResponse({"error": "restoration_failed", "message": str(result.image)}, status_code=500)
-        encoded = await asyncio.to_thread(encode_image, result.image, info, OUTPUT_TYPES[media_type])
+        check_work(width, height, opts, self.cfg)
+        (out_h, out_w), _ = plan_sizes(height, width, opts.scale, opts.min_side)
+        with self._holding(width * height + out_h * out_w):
+            try:
+                image, info = await asyncio.to_thread(decode_image, data, "upload", self.cfg.max_input_pixels)
+            except ImageError as e:
+                raise ApiError(422, "corrupt_image", str(e)) from e
+            result = await self._restore_batch(Job(image, opts, deadline))
+            if isinstance(result.image, DeadlineError):
+                raise self._timed_out()
+            if isinstance(result.image, Exception):
+                return internal_error(result.image)
+            encoded = await asyncio.to_thread(encode_image, result.image, info, OUTPUT_TYPES[media_type])
         model = result.model
         headers = {
             "X-Model-Name": model.info["name"],
             "X-Model-Version": model.version,
-            "X-Model-URI": model.info["uri"],
+            "X-Model-URI": model.public_uri,
             "X-Seed": str(opts.seed),
             "X-Batch-Size": str(result.batch_size),
             "Content-Disposition": f'inline; filename="restored{OUTPUT_TYPES[media_type]}"',
@@ -238,15 +322,30 @@ class RestorationService:
         }
         return Response(encoded, media_type=media_type, headers=headers)
 
+    @contextmanager
+    def _holding(self, pixels: int) -> Iterator[None]:
+        """Reserve `pixels` of the replica's max_held_pixels for one request's decoded input and
+        output (12 bytes each as float32), or refuse it with 503 while others hold them."""
+        if self.held_pixels + pixels > self.cfg.max_held_pixels:
+            retry = {"Retry-After": str(math.ceil(self.cfg.retry_after_s))}
+            raise ApiError(503, "busy", "the replica holds as many images as it may; retry later", headers=retry)
+        self.held_pixels += pixels
+        try:
+            yield
+        finally:
+            self.held_pixels -= pixels
+
     @serve.batch  # sizes are set per replica from the config in __init__
     async def _restore_batch(self, jobs: list[Job]) -> list[Restored]:
         model = self.model  # a reload during this batch swaps self.model, not this one
         images, options = [j.image for j in jobs], [j.options for j in jobs]
         start = time.perf_counter()
         self.stats.restoring = len(jobs)
+        self.watchdog.deadline = max(j.deadline for j in jobs)  # stop only when no request waits any more
         try:
-            results = await asyncio.to_thread(model.pipeline.restore_grouped, images, options)
+            results = await asyncio.to_thread(restore_isolated, model.pipeline, images, options)
         finally:
+            self.watchdog.deadline = math.inf
             self.stats.restoring = 0
         self.stats.record(len(jobs), len(model.pipeline.canvas_groups(images, options)), time.perf_counter() - start)
         return [Restored(result, model, len(jobs)) for result in results]
@@ -257,7 +356,7 @@ class RestorationService:
             info = await asyncio.to_thread(registry.version_info, self.cfg.model_uri)
             if info["uri"] == self.model.info["uri"]:
                 return False
-            model = await asyncio.to_thread(load_served_model, self.cfg, info)
+            model = await asyncio.to_thread(load_served_model, self.cfg, info, self.watchdog)
             logger.info("now serving v%s (was v%s)", model.version, self.model.version)
             self.model = model
             return True
@@ -272,7 +371,7 @@ class RestorationService:
 
 
 def build(cfg: ServeConfig) -> serve.Application:
-    """The Serve application for `cfg`; the token, paths and MLflow store as this process sees them."""
+    """The Serve application for `cfg`; paths and the MLflow store as this process sees them."""
     cfg = cfg.for_replicas()
     deployment = RestorationService.options(**cfg.deployment_options())
     return deployment.bind(cfg.model_dump(), registry.tracking_uri(cfg.tracking_dir))
@@ -286,21 +385,26 @@ def build_app(args: dict) -> serve.Application:
 
 
 def run(cfg: ServeConfig) -> str:
-    """Start (or join) Ray, start Serve's HTTP proxy on cfg.host:cfg.port and deploy; the URL."""
+    """Start (or join) Ray, start Serve's HTTP proxy on cfg.host:cfg.port and deploy; the URL.
+    A non-loopback host without a token is refused (ValueError) unless cfg.insecure."""
+    cfg.check_exposure()
+    app = build(cfg)
     ensure_ray()
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
+    serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix)
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}/"
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
-    except (FileNotFoundError, ValueError, ValidationError) as e:
+        cfg.check_exposure()
+    except (OSError, ValueError, ValidationError) as e:
         print(f"serving: error: {e}", file=sys.stderr)
         return 2
     url = run(cfg)
-    print(f"serving {cfg.model_uri} at {url} (API docs: {url}docs); Ctrl-C stops", flush=True)
+    docs = f"{url}docs" if cfg.api_docs else f"{url}openapi.json"
+    print(f"serving {cfg.model_uri} at {url} (API: {docs}); Ctrl-C stops", flush=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` shuts down as Ctrl-C does
     try:
         while True:

@@ -15,7 +15,9 @@ from pydantic import ValidationError
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from diffbir.pipeline import RestoreOptions, plan_sizes
+from diffbir.pipeline import RestoreOptions, canvas_size, plan_sizes
+from diffbir.sampling.tiling import tile_starts
+from serving.config import ServeConfig
 
 # PIL's format names of what decode_image (OpenCV) reads -> their names for people (MPO: the
 # multi-picture JPEGs of cameras); anything else is refused before decoding
@@ -25,9 +27,12 @@ OUTPUT_TYPES = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, errors: list[dict] | None = None):
+    def __init__(
+        self, status: int, code: str, message: str, errors: list[dict] | None = None, headers: dict | None = None
+    ):
         super().__init__(message)
         self.status, self.code, self.message, self.errors = status, code, message, errors or []
+        self.headers = headers
 
     def body(self) -> dict:
         first = {"field": self.errors[0]["field"], "errors": self.errors} if self.errors else {}
@@ -76,16 +81,15 @@ def unsupported(message: str = "not an image in a supported format") -> ApiError
     return ApiError(415, "unsupported_media_type", f"{message}; send {', '.join(FORMAT_NAMES)}")
 
 
-def restore_options(fields: Mapping[str, str], defaults: Mapping, max_steps: int) -> RestoreOptions:
+def restore_options(fields: Mapping[str, str], defaults: Mapping) -> RestoreOptions:
     """RestoreOptions from the request's fields (strings, validated in pydantic's lax mode) over
-    the server's defaults; 422 naming every bad field."""
+    the server's defaults; 422 naming every bad field. The server's limits apply to the options
+    the model's version preset completes (check_work)."""
     try:
         opts = RestoreOptions(**{**defaults, **fields})
     except ValidationError as e:
         errors = [{"field": _field(err), "message": err["msg"]} for err in e.errors()]
         raise ApiError(422, "invalid_option", "; ".join(f"{x['field']}: {x['message']}" for x in errors), errors) from e
-    if opts.steps > max_steps:
-        raise invalid("steps", f"at most {max_steps} on this server")
     return opts
 
 
@@ -97,12 +101,49 @@ def _field(error: dict) -> str:
     return ",".join(f for f in RestoreOptions.model_fields if f in error["msg"]) or "options"
 
 
-def check_work_size(width: int, height: int, opts: RestoreOptions, max_pixels: int) -> None:
-    """The size the pipeline works at (the output, raised to min_side) must stay within the limit."""
-    _, (wh, ww) = plan_sizes(height, width, opts.scale, opts.min_side)
-    if wh * ww > max_pixels:
-        message = f"a {width}x{height} input would be restored at {ww}x{wh}, over the limit of {max_pixels:,} pixels"
+def check_work(width: int, height: int, opts: RestoreOptions, cfg: ServeConfig) -> None:
+    """Every option that scales the cost of restoring a width x height input, within the server's
+    limits: 422 naming the first field over its limit. `opts`: as the run will use them (the
+    model's version preset applied), so a preset's steps count too."""
+    if opts.steps > cfg.max_steps:
+        raise invalid("steps", f"at most {cfg.max_steps} on this server")
+    if opts.guidance_repeat > cfg.max_guidance_repeat:
+        raise invalid("guidance_repeat", f"at most {cfg.max_guidance_repeat} on this server")
+    for name in ("prompt", "negative_prompt"):
+        if len(getattr(opts, name)) > cfg.max_prompt_chars:
+            raise invalid(name, f"at most {cfg.max_prompt_chars:,} characters on this server")
+    if opts.scale > cfg.max_upscale:
+        raise invalid("upscale", f"at most {cfg.max_upscale:g} on this server")
+    if opts.tile_size > cfg.max_tile_size:
+        raise invalid("tile_size", f"at most {cfg.max_tile_size} on this server")
+    (oh, ow), (wh, ww) = plan_sizes(height, width, opts.scale, opts.min_side)
+    if oh * ow > cfg.max_output_pixels:
+        message = f"a {width}x{height} input gives {ow}x{oh}, over the limit of {cfg.max_output_pixels:,} output pixels"
         raise invalid("upscale", message)
+    if wh * ww > cfg.max_work_pixels:
+        message = f"a {width}x{height} input is restored at {ww}x{wh}, over the limit of {cfg.max_work_pixels:,} pixels"
+        raise invalid("min_side" if (wh, ww) != (oh, ow) else "upscale", message)
+    check_tiles(canvas_size(height, width, opts), opts, cfg)
+
+
+def check_tiles(canvas: tuple[int, int], opts: RestoreOptions, cfg: ServeConfig) -> None:
+    """An untiled canvas is one model call over all of it (memory: at most max_tile_size a side);
+    a tiled one is a call per tile (time: at most max_tiles of them)."""
+    ch, cw = canvas
+    tiled = opts.tiled if opts.tiled is not None else max(canvas) > opts.tile_size
+    if not tiled:
+        if max(canvas) > cfg.max_tile_size:
+            message = f"a {cw}x{ch} canvas is over {cfg.max_tile_size} a side, restore it tiled"
+            raise invalid("tiled", message)
+        return
+    rows, columns = (len(tile_starts(side, opts.tile_size, opts.tile_stride)) for side in canvas)
+    tiles = rows * columns
+    if tiles > cfg.max_tiles:
+        message = (
+            f"tile_size {opts.tile_size} at stride {opts.tile_stride} is {tiles:,} tiles over a {cw}x{ch} canvas, "
+            f"over the limit of {cfg.max_tiles:,}; raise tile_stride"
+        )
+        raise invalid("tile_stride", message)
 
 
 def invalid(field: str, message: str) -> ApiError:

@@ -1,10 +1,14 @@
-"""The model a replica serves, and what one request of a batch brings it."""
+"""The model a replica serves, what one request of a batch brings it, and the watchdog that
+stops its restorations at their deadline."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,6 +16,38 @@ import torch
 from diffbir.pipeline import RestorationPipeline, RestoreOptions
 from serving.config import ServeConfig
 from training import registry
+
+
+class DeadlineError(TimeoutError):
+    """A restoration ran past the deadline of every request it was restoring."""
+
+
+class Watchdog:
+    """The deadline of the pipeline call running now. Every block of the model checks it before
+    running, so a call past it stops within one block; a call still running `grace_s` after it
+    is stuck inside one (a hung kernel) and makes the replica unhealthy."""
+
+    def __init__(self, grace_s: float):
+        self.grace_s = grace_s
+        self.deadline = math.inf  # time.monotonic(); inf while no call runs
+
+    def watch(self, pipeline: RestorationPipeline) -> None:
+        for part in (pipeline.cldm, pipeline.stage1):
+            for block in _blocks(part):
+                block.register_forward_pre_hook(self._check)
+
+    def _check(self, module: torch.nn.Module, args: tuple) -> None:
+        if time.monotonic() > self.deadline:
+            raise DeadlineError("the restoration ran past request_timeout_s")
+
+    def hung(self) -> bool:
+        return time.monotonic() > self.deadline + self.grace_s
+
+
+def _blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """A model's parts and their direct blocks: fine enough to stop within a fraction of a step,
+    coarse enough that the checks cost nothing next to the layers."""
+    return [block for child in module.children() for block in (child, *child.children())]
 
 
 @dataclass(frozen=True)
@@ -24,23 +60,53 @@ class ServedModel:
     def version(self) -> str:
         return self.info["version"] or "local"
 
+    @property
+    def public_uri(self) -> str:
+        return public_uri(self.info["uri"])
+
     def describe(self) -> dict:
-        return {**self.info, "version": self.version, "loaded_at": self.loaded_at, "parts": self.pipeline.model_info}
+        """What clients may know: no storage locations (the artifact source, the parts' files)."""
+        info = {k: v for k, v in self.info.items() if k != "source"}
+        parts = {name: {"config": part["config"]} for name, part in self.pipeline.model_info.items()}
+        return {**info, "uri": self.public_uri, "version": self.version, "loaded_at": self.loaded_at, "parts": parts}
 
 
-def load_served_model(cfg: ServeConfig, info: dict) -> ServedModel:
-    """The version `info` pins (registry.version_info of cfg.model_uri), ready to restore."""
+def public_uri(uri: str) -> str:
+    """A registry URI as it is; a local directory by its name only (no server paths to clients)."""
+    return uri if uri.startswith("models:/") else f"local:{Path(uri).name}"
+
+
+def load_served_model(cfg: ServeConfig, info: dict, watchdog: Watchdog) -> ServedModel:
+    """The version `info` pins (registry.version_info of cfg.model_uri), ready to restore under `watchdog`."""
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model_dir = registry.resolve(info["uri"], cfg.cache_dir)
-    return ServedModel(RestorationPipeline.from_pretrained(model_dir, device, cfg.dtype), info, time.time())
+    pipeline = RestorationPipeline.from_pretrained(model_dir, device, cfg.dtype)
+    pipeline.context_cache_size = cfg.text_context_cache_size
+    watchdog.watch(pipeline)
+    return ServedModel(pipeline, info, time.time())
+
+
+def restore_isolated(
+    pipeline: RestorationPipeline, images: Sequence[np.ndarray], options: Sequence[RestoreOptions]
+) -> list[np.ndarray | Exception]:
+    """RestorationPipeline.restore_grouped, and every image of a group that failed restored again
+    alone: one bad request never fails its batch mates (a deadline fails them all: no retry)."""
+    results = pipeline.restore_grouped(images, options)
+    for members in pipeline.canvas_groups(images, options):
+        failure = results[members[0]]
+        if len(members) > 1 and isinstance(failure, Exception) and not isinstance(failure, DeadlineError):
+            for i in members:
+                results[i] = pipeline.restore_grouped([images[i]], [options[i]])[0]
+    return results
 
 
 @dataclass(frozen=True)
 class Job:
     image: np.ndarray  # RGB float32 (H, W, 3) in [0, 1]
     options: RestoreOptions  # its seed is the image's own (RestorationPipeline.restore_grouped)
+    deadline: float  # time.monotonic() after which its request is answered 504
 
 
 @dataclass

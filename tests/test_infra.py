@@ -177,8 +177,8 @@ def _model_fields_classes(tree: ast.Module) -> set[str]:
 def flags_of(path: Path) -> set[str]:
     """The flags a script accepts: its literal add_argument flags, and `--config` plus one flag per
     field (and `--no-` forms) of the config class it hands to parse_config/build_parser (or the
-    training scripts' run_from_command_line) — directly, or inside the helper module it imports
-    them from."""
+    training scripts' run_from_command_line) — directly, inside the helper module it imports
+    them from, or in the module whose main() it runs."""
     tree = parse(path)
     flags = _literal_flags(tree)
     classes: list[tuple[Path, str]] = []
@@ -196,6 +196,10 @@ def flags_of(path: Path) -> set[str]:
             classes += [(helper, c) for c in _model_fields_classes(parse(helper))]
     for where, cls in classes:
         flags |= {"--config", *config_flags(class_fields(where, cls))}
+    for node in ast.walk(tree):  # a package's __main__.py that runs another module's main()
+        if isinstance(node, ast.ImportFrom) and node.module and any(a.name == "main" for a in node.names):
+            if (target := module_file(node.module)) is not None and target.is_file():
+                flags |= flags_of(target)
     return flags
 
 

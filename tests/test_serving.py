@@ -4,6 +4,7 @@ two tiny model versions in a real MLflow store; plus its pure parts (negotiation
 from __future__ import annotations
 
 import io
+import math
 import struct
 import time
 import zlib
@@ -24,9 +25,10 @@ from diffbir.config import build_parser
 from diffbir.image_io import decode_image, encode_image
 from diffbir.pipeline import RestorationPipeline, RestoreOptions
 from pipelines.ray_env import ensure_ray, free_port
-from serving.app import build_app, run
+from serving.app import build_app, main, run
 from serving.config import TOKEN_ENV, ServeConfig, parse_config
-from serving.limits import ApiError, negotiate
+from serving.limits import ApiError, check_work, negotiate, restore_options
+from serving.model import DeadlineError, Watchdog, restore_isolated
 from training import registry
 
 from conftest import DEFAULTS, TOKEN, new_run, save_tiny
@@ -35,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 NAME = "diffbir-serve"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 LONG_STEPS = 20  # the server's max_steps here: a batch of four 128x128 images takes seconds
+# the server's defaults: tiles of 128 (every test image fits one, so it restores as direct() does)
+SERVER_DEFAULTS = DEFAULTS | {"tile_size": 128, "tile_stride": 64}
 
 
 # ---------------------------------------------------------------- helpers (the web test uses them too)
@@ -129,12 +133,39 @@ def test_yaml_configs_and_flags(monkeypatch):
     with pytest.raises(ValueError, match="max_ongoing_requests"):
         ServeConfig(max_batch_size=16, max_ongoing_requests=8)
 
-    monkeypatch.setenv(TOKEN_ENV, "from-env")
     monkeypatch.chdir(ROOT)
     pinned = ServeConfig(model_uri="runs/some-model").for_replicas()
-    assert pinned.auth_token == "from-env" and pinned.model_uri == str(ROOT / "runs/some-model")
-    assert ServeConfig(auth_token="from-config").for_replicas().auth_token == "from-config"
+    assert pinned.model_uri == str(ROOT / "runs/some-model")
     assert ServeConfig().for_replicas().model_uri == "models:/diffbir@champion"
+
+
+def test_the_token_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    """Never from a flag or a deployment argument: replicas read it on their own node."""
+    assert not any("token" in name and "file" not in name for name in ServeConfig.model_fields)
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    assert ServeConfig().auth_token() is None
+    monkeypatch.setenv(TOKEN_ENV, "from-env")
+    assert ServeConfig().auth_token() == "from-env"
+    (tmp_path / "token").write_text("from-file\n")
+    cfg = ServeConfig(auth_token_file=str(tmp_path / "token"))
+    assert cfg.auth_token() == "from-file"
+    assert "from-" not in str(cfg.for_replicas().model_dump())  # what the replicas are deployed with
+    (tmp_path / "token").write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        cfg.auth_token()
+
+
+def test_a_public_host_without_a_token_refuses_to_start(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    model = str(tmp_path / "no-model")  # nothing is loaded: the refusal comes first
+    public = ServeConfig(model_uri=model, host="0.0.0.0", port=free_port(), app_name="exposed", route_prefix="/x")
+    with pytest.raises(ValueError, match="--insecure"):
+        run(public)
+    assert main(["--model-uri", model, "--host", "0.0.0.0"]) == 2 and "--insecure" in capsys.readouterr().err
+    public.model_copy(update={"insecure": True}).check_exposure()
+    ServeConfig(host="::1").check_exposure()
+    monkeypatch.setenv(TOKEN_ENV, "t")
+    public.check_exposure()
 
 
 def test_serve_deploy_config_builds_the_app(monkeypatch):
@@ -163,20 +194,30 @@ def versions(mlflow_store, tiny_bundle) -> dict[str, RestorationPipeline]:
 
 @pytest.fixture(scope="module")
 def config(mlflow_store) -> ServeConfig:
+    token_file = mlflow_store / "serve-token"
+    token_file.write_text(TOKEN)
     return ServeConfig(
         model_uri=f"models:/{NAME}@champion",
         tracking_dir=str(mlflow_store / "store"),  # MLFLOW_TRACKING_URI (mlflow_store sets it) wins
         cache_dir=str(mlflow_store / "serve-cache"),
         reload_interval_s=0,
-        defaults=DEFAULTS,
+        defaults=SERVER_DEFAULTS,
         port=free_port(),
-        auth_token=TOKEN,
+        auth_token_file=str(token_file),
         max_batch_size=4,
         batch_wait_timeout_s=0.5,  # long enough for concurrent test requests to share batches
         max_body_bytes=64 * 1024,
         max_input_pixels=128 * 128,
+        max_output_pixels=128 * 128,
         max_work_pixels=160 * 160,
+        max_held_pixels=8 * 128 * 128,  # four of the largest requests (test_reload's batch)
+        max_upscale=4,
         max_steps=LONG_STEPS,
+        max_guidance_repeat=3,
+        max_tile_size=128,
+        max_tiles=16,
+        max_prompt_chars=100,
+        text_context_cache_size=2,
     )
 
 
@@ -271,6 +312,8 @@ def _chunks(total: int):
 
 
 GOOD = png(photo("astronaut", 64, 64))
+GOOD_128 = png(photo("astronaut", 128, 128))
+WIDE = png(photo("astronaut", 96, 160))
 MULTIPART = "multipart/form-data; boundary=xyz"
 
 REFUSALS = [
@@ -302,6 +345,46 @@ REFUSALS = [
     ("not a number", dict(content=GOOD, params={"cfg_scale": "lots"}), 422, "invalid_option", "cfg_scale"),
     ("unknown option", dict(content=GOOD, params={"sharpen": 1}), 422, "invalid_option", "sharpen"),
     ("output too large (sr x4)", dict(content=GOOD, params={"task": "sr"}), 422, "invalid_option", "upscale"),
+    ("upscale over the maximum", dict(content=GOOD, params={"upscale": 8}), 422, "invalid_option", "upscale"),
+    (
+        "work size too large",
+        dict(content=GOOD, params={"task": "denoise", "min_side": 256}),
+        422,
+        "invalid_option",
+        "min_side",
+    ),
+    ("seed 2^70", dict(content=GOOD, params={"seed": 2**70}), 422, "invalid_option", "seed"),
+    ("negative seed", dict(content=GOOD, params={"seed": -1}), 422, "invalid_option", "seed"),
+    (
+        "guidance_repeat 100000",
+        dict(content=GOOD, params={"guidance_scale": 0.1, "guidance_repeat": 100_000}),
+        422,
+        "invalid_option",
+        "guidance_repeat",
+    ),
+    ("tile_size over the maximum", dict(content=GOOD, params={"tile_size": 256}), 422, "invalid_option", "tile_size"),
+    (
+        "a tiny tile_stride (thousands of tiles)",
+        dict(content=GOOD_128, params={"task": "denoise", "tiled": "true", "tile_size": 64, "tile_stride": 8}),
+        422,
+        "invalid_option",
+        "tile_stride",
+    ),
+    (
+        "untiled over max_tile_size",
+        dict(content=WIDE, params={"task": "denoise", "tiled": "false"}),  # a 192x128 canvas
+        422,
+        "invalid_option",
+        "tiled",
+    ),
+    ("a long prompt", dict(content=GOOD, params={"prompt": "x" * 101}), 422, "invalid_option", "prompt"),
+    (
+        "a long negative prompt",
+        dict(files={"file": ("a.png", GOOD)}, data={"negative_prompt": "x" * 101}),
+        422,
+        "invalid_option",
+        "negative_prompt",
+    ),
     (
         "bad form field",
         dict(files={"file": ("a.png", GOOD)}, data={"guidance_space": "hsv"}),
@@ -328,6 +411,8 @@ def test_refusals_are_json_4xx(client, what, request_args, status, code, field):
 
 def test_unknown_routes_are_json(client):
     assert client.get("/v2/nothing").json()["error"] == "not_found"
+    assert client.get("/docs").status_code == 404  # no third-party scripts unless api_docs is on
+    assert client.get("/redoc").status_code == 404
     r = client.get("/v1/restore", headers=AUTH)
     assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
 
@@ -369,6 +454,64 @@ def test_concurrent_requests_each_get_their_own_result(client, versions):
     assert after["batches"] - before["batches"] < len(requests)
 
 
+def test_a_poisoned_request_never_fails_its_batch_mates(client, versions):
+    """A seed past torch's generator (2^70) used to fail the whole batch it joined with a 500."""
+    image = png(photo("astronaut", 64, 64))
+    seeds = [1, 2, 2**70, 3]
+    with ThreadPoolExecutor(len(seeds)) as pool:
+        responses = list(pool.map(lambda seed: restore(client, image, task="denoise", seed=seed), seeds))
+    assert [r.status_code for r in responses] == [200, 200, 422, 200]
+    assert responses[2].json()["field"] == "seed"
+    for seed, response in zip(seeds, responses):
+        if response.status_code == 200:
+            assert_same_restoration(response, direct(versions["1"], image, seed, task="denoise"))
+    assert max(int(r.headers["X-Batch-Size"]) for r in responses if r.status_code == 200) > 1
+
+
+def test_a_failing_group_is_restored_again_apart(versions):
+    """A request that fails in the pipeline (here a seed no validation let through) fails alone."""
+    pipeline, image = versions["1"], decoded(png(photo("astronaut", 64, 64)))
+    good = RestoreOptions(**DEFAULTS, task="denoise", seed=1)
+    poisoned = good.model_copy(update={"seed": 2**70})  # model_copy does not validate
+    results = restore_isolated(pipeline, [image] * 3, [good, poisoned, good.model_copy(update={"seed": 2})])
+    assert isinstance(results[1], Exception) and not isinstance(results[0], Exception)
+    np.testing.assert_allclose(results[2], pipeline([image], good, [2])[0], atol=1e-5)
+
+
+def test_a_restoration_stops_at_its_deadline(versions):
+    pipeline, image = versions["1"], decoded(png(photo("astronaut", 64, 64)))
+    watchdog = Watchdog(grace_s=60)
+    watchdog.watch(pipeline)
+    try:
+        watchdog.deadline = time.monotonic() - 1
+        with pytest.raises(DeadlineError):
+            pipeline([image], RestoreOptions(**DEFAULTS, task="denoise"))
+        assert not watchdog.hung()  # past its deadline, but within the grace: stopping, not stuck
+        watchdog.deadline = time.monotonic() - 61
+        assert watchdog.hung()  # what check_health reports, and Serve replaces the replica for
+    finally:
+        watchdog.deadline = math.inf
+    pipeline([image], RestoreOptions(**DEFAULTS, task="denoise"))  # no deadline: it runs
+
+
+def test_cross_site_posts_are_refused(client):
+    """A form on another site can post to a server on localhost; the browser says where from."""
+    image = png(photo("astronaut", 64, 64))
+    for origin in ("https://evil.example", "null"):
+        r = restore(client, image, headers={"Origin": origin}, task="denoise", seed=1)
+        assert r.status_code == 403 and r.json()["error"] == "cross_origin", origin
+    assert client.post("/v1/reload", headers=AUTH | {"Origin": "https://evil.example"}).status_code == 403
+    own = client.base_url.scheme + "://" + client.base_url.netloc.decode()
+    assert restore(client, image, headers={"Origin": own}, task="denoise", seed=1).status_code == 200
+
+
+def test_the_text_context_cache_is_bounded(client):
+    image = png(photo("astronaut", 64, 64))
+    for prompt in ("a photo", "a cat", "a dog", "a boat"):
+        assert restore(client, image, task="denoise", seed=1, prompt=prompt).status_code == 200
+    assert client.get("/v1/stats", headers=AUTH).json()["text_contexts"] == 2  # text_context_cache_size
+
+
 def test_model_info(client):
     info = client.get("/v1/model", headers=AUTH).json()
     assert (info["name"], info["version"], info["alias"]) == (NAME, "1", "champion")
@@ -376,7 +519,8 @@ def test_model_info(client):
     assert info["tags"]["lineage.run_id"] == info["run_id"]
     assert set(info["parts"]) == {"vae", "unet", "controlnet", "swinir"}
     assert info["parts"]["unet"]["config"]["num_head_channels"] == 16
-    assert info["defaults"] == DEFAULTS
+    assert info["defaults"] == SERVER_DEFAULTS
+    assert "source" not in info and all("source" not in part for part in info["parts"].values())  # no server paths
 
 
 def wait_for_a_running_batch(client: httpx.Client) -> None:
@@ -445,3 +589,82 @@ def test_redeploy_keeps_requests_and_follows_the_alias(client, config):
         assert time.monotonic() < deadline, "the replica did not follow @champion back to v1"
         time.sleep(0.5)
     assert restore(client, image, task="denoise", seed=0).headers["X-Model-Version"] == "1"
+
+
+def test_internal_errors_say_only_an_error_id(client, mlflow_store, tiny_bundle):
+    """A version whose weights do not load: the reload fails with a 500 that names no path and
+    no exception, only an id the server's log has the detail under."""
+    broken = save_tiny(mlflow_store / "broken", tiny_bundle)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not safetensors")
+    version = registry.register_model(new_run(), broken, NAME)
+    registry.set_alias(NAME, "champion", version)
+    try:
+        r = client.post("/v1/reload", headers=AUTH)
+        assert r.status_code == 500, r.text
+        body = r.json()
+        assert body["error"] == "internal_error" and body["error_id"] in body["message"]
+        assert "/" not in body["message"] and "safetensors" not in r.text.lower()
+    finally:
+        registry.set_alias(NAME, "champion", "1")
+
+
+# ---------------------------------------------------------------- a strict deployment: deadline and queue
+
+STRICT = dict(
+    request_timeout_s=3,
+    max_ongoing_requests=2,  # the slow request and a /v1/stats or a waiting request
+    max_batch_size=1,
+    max_queued_requests=1,
+    retry_after_s=7,
+    reload_interval_s=0,
+)
+SLOW = dict(task="denoise", steps=LONG_STEPS, guidance_scale=0.1, guidance_repeat=3)  # tens of seconds
+
+
+@pytest.fixture(scope="module")
+def strict_client(client, config):
+    """The same app deployed again with a short deadline, two requests in a replica and one queued."""
+    registry.set_alias(NAME, "champion", "1")
+    run(config.model_copy(update=STRICT))
+    return client
+
+
+def test_a_request_past_its_deadline_gets_504_and_frees_the_replica(strict_client):
+    client = strict_client
+    start = time.monotonic()
+    r = restore(client, png(photo("astronaut", 128, 128)), seed=1, **SLOW)
+    assert r.status_code == 504 and r.json()["error"] == "timeout", r.text
+    assert time.monotonic() - start < STRICT["request_timeout_s"] + 10
+    deadline = time.monotonic() + 10
+    while client.get("/v1/stats", headers=AUTH).json()["restoring"]:  # the restoration stopped too
+        assert time.monotonic() < deadline, "the replica still restores the abandoned request"
+        time.sleep(0.1)
+    quick = restore(client, png(photo("astronaut", 64, 64)), task="denoise", seed=1)
+    assert quick.status_code == 200
+
+
+def test_the_queue_is_bounded_with_retry_after(strict_client):
+    """One request restoring, one waiting in the replica, one queued: the others are refused at
+    once with 503 and Retry-After (the waiting ones may run out of time behind the slow one)."""
+    client = strict_client
+    with ThreadPoolExecutor(5) as pool:
+        slow = pool.submit(restore, client, png(photo("astronaut", 128, 128)), seed=1, **SLOW)
+        wait_for_a_running_batch(client)
+        rest = [pool.submit(restore, client, GOOD, task="denoise", seed=i) for i in range(4)]
+        responses = [f.result() for f in rest]
+    assert slow.result().status_code == 504
+    statuses = [r.status_code for r in responses]
+    refused = [r for r in responses if r.status_code == 503]
+    assert len(refused) >= 2 and all(r.headers["Retry-After"] == "7" for r in refused), statuses
+    assert set(statuses) <= {200, 503, 504}, statuses
+
+
+def test_limits_apply_to_the_options_a_preset_completes():
+    """A request that names no steps gets its preset's (paper: 50): the server's max_steps holds for them."""
+    opts = restore_options({"preset": "paper", "task": "denoise"}, {})
+    assert opts.steps == 50
+    with pytest.raises(ApiError) as refused:
+        check_work(64, 64, opts, ServeConfig(max_steps=20))
+    assert refused.value.status == 422 and refused.value.errors[0]["field"] == "steps"
+    check_work(64, 64, opts.model_copy(update={"steps": 20}), ServeConfig(max_steps=20))

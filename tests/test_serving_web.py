@@ -43,9 +43,15 @@ def browser_paths() -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def page_url(tmp_path_factory, tiny_bundle):
     """The app on the tiny model as a local platform directory (no registry needed here)."""
-    model_dir = save_tiny(tmp_path_factory.mktemp("web") / "model", tiny_bundle)
+    root = tmp_path_factory.mktemp("web")
+    model_dir = save_tiny(root / "model", tiny_bundle)
+    (root / "token").write_text(TOKEN)
     cfg = ServeConfig(
-        model_uri=str(model_dir), reload_interval_s=0, defaults=DEFAULTS, port=free_port(), auth_token=TOKEN
+        model_uri=str(model_dir),
+        reload_interval_s=0,
+        defaults=DEFAULTS,
+        port=free_port(),
+        auth_token_file=str(root / "token"),
     )
     ensure_ray()
     url = run(cfg)
@@ -94,6 +100,7 @@ def test_restore_a_photo_in_the_browser(page_url, browser, tmp_path):
     assert browser.execute_script(size, browser.find_element(By.ID, "after")) == [True, 2 * SIDE, 2 * SIDE]
     assert browser.execute_script(size, browser.find_element(By.ID, "before")) == [True, SIDE, SIDE]
     meta = browser.find_element(By.ID, "meta").text
+    assert browser.execute_script("return localStorage.length + sessionStorage.length") == 0  # the token: not kept
     assert f"{2 * SIDE}×{2 * SIDE}" in meta and "model vlocal" in meta and "seed 5" in meta
 
     # the download link holds the PNG itself
@@ -128,3 +135,20 @@ def test_the_page_shows_refusals(page_url, browser, tmp_path):
     status = browser.find_element(By.ID, "status")
     assert "failed: 415" in status.text and status.get_attribute("class") == "error"
     assert not browser.find_element(By.ID, "viewer").is_displayed()
+
+
+def test_the_page_keeps_no_token_and_headers_name_no_paths(page_url):
+    page = httpx.get(page_url)
+    assert "localStorage" not in page.text and "sessionStorage" not in page.text
+    photo = cv2.imencode(".png", cv2.resize(data.astronaut(), (64, 64)))[1].tobytes()
+    r = httpx.post(
+        page_url + "v1/restore",
+        params={"task": "denoise", "seed": 1},
+        content=photo,
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["X-Model-URI"] == "local:model"  # the directory's name, not where it lies
+    info = httpx.get(page_url + "v1/model", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    assert info["uri"] == info["requested_uri"] == "local:model" and "/model" not in str(info)  # no path
