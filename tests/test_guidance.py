@@ -21,7 +21,8 @@ from diffbir.sampling import (
     stored_noise,
     weight_map,
 )
-from diffbir.sampling.guidance import REFERENCE_SCALE
+from diffbir.sampling import guidance as guidance_module
+from diffbir.sampling.guidance import REFERENCE_SCALE, lean_decode
 
 from conftest import SAMPLING, SINGLE_EVAL, assert_close_golden, load_fixture
 
@@ -104,8 +105,7 @@ def test_fixture_f_guided(golden, fixture_index, tiny_bundle, monkeypatch):
     assert runs
     cldm, steps = tiny_bundle.cldm, desc["steps"]
     decodes = []
-    decode = cldm.vae_decode
-    monkeypatch.setattr(cldm, "vae_decode", lambda z: decodes.append(1) or decode(z))
+    monkeypatch.setattr(guidance_module, "lean_decode", lambda cldm, z: decodes.append(1) or lean_decode(cldm, z))
     model = cfg_model(cldm, f["c_img"], f["c_txt_pos"], f["c_txt_neg"], desc["cfg_scale"], desc["strength"])
     den = Denoiser(model, DiffusionConfig())
     noise = stored_noise([f[f"noise.{i}"] for i in range(steps)])
@@ -127,7 +127,7 @@ def test_fixture_f_guided(golden, fixture_index, tiny_bundle, monkeypatch):
             assert_close_golden(x, f[f"{name}.x_after_step.{i}"], **SAMPLING, name=f"{name}.x_after_step.{i}")
         assert_close_golden(z_0, f[f"{name}.z_0"], **SAMPLING, name=f"{name}.z_0")
         with torch.no_grad():
-            assert_close_golden(decode(z_0), f[f"{name}.decoded"], **SAMPLING, name=f"{name}.decoded")
+            assert_close_golden(cldm.vae_decode(z_0), f[f"{name}.decoded"], **SAMPLING, name=f"{name}.decoded")
         golden_losses = [loss for loss in run["g_loss_per_step"] if loss is not None]
         assert guidance.losses == pytest.approx(golden_losses, rel=SAMPLING["rtol"])
 
@@ -212,3 +212,17 @@ def test_one_scale_pushes_alike_with_every_sampler(golden, fixture_e, tiny_bundl
 
 
 CALIBRATION = 5.0  # measured: 0.09 (Karras DPM++ 3M SDE) to 0.33 (the ODE solvers)
+
+
+def test_lean_decode_is_the_decode_and_its_gradient(tiny_bundle):
+    """The block-by-block checkpointed decoder gives the VAE's decode and the same vector-Jacobian product."""
+    cldm = tiny_bundle.cldm
+    z = torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(0))
+    grad_image = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    with torch.enable_grad():
+        plain, lean = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+        expected, got = cldm.vae_decode(plain), lean_decode(cldm, lean)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        expected_grad = torch.autograd.grad(expected, plain, grad_image)[0]
+        got_grad = torch.autograd.grad(got, lean, grad_image)[0]
+    torch.testing.assert_close(got_grad, expected_grad, rtol=1e-5, atol=1e-6)
