@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from diffbir.config import Dtype, parse_config
+from diffbir.config import MATMUL_PRECISION_HELP, Dtype, MatmulPrecision, parse_config
 
 VARIANTS = ("unguided", "guided_rgb", "guided_latent", "vae", "guidance_update", "preset_v2.1", "preset_paper")
 
@@ -36,8 +36,9 @@ from diffbir.models.vae import VAEConfig, build_vae
 from diffbir.pipeline import DTYPES, RestoreOptions
 from diffbir.sampling import Denoiser, RestorationGuidance, cfg_model, sample
 
-variant, dtype_name, steps, repeats, device, size, warmup = sys.argv[1:8]
+variant, dtype_name, steps, repeats, device, size, warmup, matmul_precision = sys.argv[1:9]
 steps, repeats, size, warmup = int(steps), int(repeats), int(size), int(warmup)
+torch.set_float32_matmul_precision(matmul_precision)
 dtype = DTYPES[dtype_name]
 torch.manual_seed(0)
 ucfg = UNetConfig()
@@ -127,6 +128,7 @@ class BenchConfig(BaseModel):
     warmup: int = Field(1, ge=0, le=3, description="untimed runs first")
     device: str = Field("cpu", description="torch device")
     size: int = Field(512, ge=64, description="image side in pixels (latent: /8)")
+    matmul_precision: MatmulPrecision = Field("highest", description=MATMUL_PRECISION_HELP)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.device,
                 str(args.size),
                 str(args.warmup),
+                args.matmul_precision,
             ]
             res = json.loads(
                 subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]

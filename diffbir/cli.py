@@ -12,11 +12,21 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm import tqdm
 
+from diffbir.captioning import CaptionerSettings
 from diffbir.checkpoints.info import describe, format_description
 from diffbir.checkpoints.io import CheckpointError
 from diffbir.checkpoints.loading import convert
 from diffbir.checkpoints.tiny import TINY_LAYOUT, TINY_SALT, write_keyed_files
-from diffbir.config import Arg, DiffusionConfig, Dtype, add_config_flags, config_from_args
+from diffbir.config import (
+    MATMUL_PRECISION_HELP,
+    Arg,
+    DiffusionConfig,
+    Dtype,
+    MatmulPrecision,
+    add_config_flags,
+    config_from_args,
+)
+from diffbir.faces import FaceConfig
 from diffbir.image_io import READABLE_SUFFIXES, WRITABLE_SUFFIXES, ImageError, read_image, write_image
 from diffbir.pipeline import DTYPES, RestorationPipeline, RestoreOptions
 from diffbir.presets import Version
@@ -103,8 +113,8 @@ def _cmd_convert(args) -> int:
     return 0
 
 
-class RestoreConfig(RestoreOptions):
-    """`diffbir restore`: restoration options plus what to read, what to write and how to run."""
+class RestoreConfig(CaptionerSettings, RestoreOptions):
+    """`diffbir restore`: restoration options, the captioner, plus what to read, what to write and how to run."""
 
     inputs: Annotated[list[str], Arg(positional=True)] = Field(
         description="image files and folders (walked recursively)"
@@ -113,10 +123,15 @@ class RestoreConfig(RestoreOptions):
     model: Annotated[list[str], Arg("-m")] = Field(description="a platform model directory, or official files")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
     dtype: Dtype = Field("fp32", description="inference precision")
+    matmul_precision: MatmulPrecision = Field("highest", description=MATMUL_PRECISION_HELP)
     batch_size: int = Field(1, ge=1, description="images restored together (padded to a common size)")
     format: Literal["same", "png", "jpg", "webp"] = Field("same", description="output format (same: the input's)")
     overwrite: bool = Field(False, description="redo outputs that exist")
     num_head_channels: NumHeadChannels = 64
+    landmarks_file: str | None = Field(
+        None, description="unaligned_face: a JSON file of --landmarks (one input image's faces, from your own detector)"
+    )
+    faces: FaceConfig = Field(default_factory=FaceConfig, description="unaligned_face: detector, parser, face model")
 
 
 def collect_jobs(inputs: list[str], output: str, fmt: str) -> list[tuple[Path, Path]]:
@@ -147,11 +162,21 @@ def _cmd_restore(args) -> int:
         print(f"skipping {len(jobs) - len(todo)} outputs that exist (--overwrite to redo them)")
     if not todo:
         return 0
-    pipe = RestorationPipeline.from_pretrained(
-        cfg.model, cfg.device, cfg.dtype, num_head_channels=cfg.num_head_channels
-    )
     # only the options given: a preset (the model's version's by default) fills the others
-    opts = RestoreOptions(**cfg.model_dump(include=set(RestoreOptions.model_fields), exclude_unset=True))
+    given = cfg.model_dump(include=set(RestoreOptions.model_fields), exclude_unset=True)
+    if cfg.landmarks_file:
+        try:
+            given["landmarks"] = json.loads(Path(cfg.landmarks_file).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg.landmarks_file}: not JSON ({e})") from e
+    if "landmarks" in given and len(todo) > 1:
+        raise ValueError("landmarks are one image's faces: give one input image with --landmarks/--landmarks-file")
+    opts = RestoreOptions(**given)
+    pipe = RestorationPipeline.from_pretrained(
+        cfg.model, cfg.device, cfg.dtype, cfg.matmul_precision, num_head_channels=cfg.num_head_channels
+    )
+    pipe.captioner = cfg.load_captioner(pipe.device, pipe.dtype)
+    pipe.configure_faces(cfg.faces)
     failed = 0
     with tqdm(total=len(todo), unit="img", desc="restore") as bar:
         for start in range(0, len(todo), cfg.batch_size):
@@ -170,7 +195,13 @@ def _cmd_restore(args) -> int:
             if not batch:
                 continue
             seeds = [cfg.seed + start + i for i in range(len(batch))]
-            for (_src, dst), out, info in zip(batch, pipe(images, opts, seeds), infos):
+            captions = pipe.caption(images, [opts] * len(images))
+            for (src, _dst), caption in zip(batch, captions):
+                if caption.text:
+                    tqdm.write(f"{src}: caption {caption.text!r}")
+                elif caption.error:
+                    tqdm.write(f"{src}: no caption ({caption.error}); the prompt alone is used", file=sys.stderr)
+            for (_src, dst), out, info in zip(batch, pipe(images, opts, seeds, captions=captions), infos):
                 write_image(dst, out, info)
             bar.update(len(batch))
     print(

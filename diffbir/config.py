@@ -15,6 +15,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 
 Dtype = Literal["fp32", "bf16", "fp16"]  # the one spelling of a dtype in every config and on every command line
+# torch.set_float32_matmul_precision, process-wide: float32 weights and activations, products rounded
+# further. "high": TF32 on NVIDIA GPUs (Ampere and later); "medium": also bf16 products on CPUs with
+# AVX512-BF16/AMX (a 512² denoiser call 0.76x the time here). Convolutions are not affected on CPUs.
+MatmulPrecision = Literal["highest", "high", "medium"]
+MATMUL_PRECISION_HELP = "float32 matrix products: highest (exact), high (TF32 on GPUs), medium (bf16 on CPUs too)"
 
 
 class DiffusionConfig(BaseModel):

@@ -17,28 +17,37 @@ Everything large runs in tiles (stage 1, VAE, the denoiser), so memory stays fla
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from diffbir.captioning import Caption, Captioner, caption_batch, combine_prompt
 from diffbir.checkpoints.loading import ModelBundle, load_model
 from diffbir.colorfix import wavelet_reconstruction
-from diffbir.config import DiffusionConfig, Dtype
+from diffbir.config import DiffusionConfig, Dtype, MatmulPrecision
+from diffbir.faces import FACE_SIZE, FaceConfig, FaceTools, align_matrix, check_landmarks, paste_face, warp_face
 from diffbir.presets import PAPER_NEGATIVE, PRESETS, Preset, Version
 from diffbir.sampling import SAMPLERS, Denoiser, RestorationGuidance, cfg_model, initial_latent, sample
 from diffbir.sampling.edm import EDMOptions
 from diffbir.sampling.tiling import cldm_tiled_denoiser, tiled_apply, tiled_stage1, tiled_vae_decode
 
 DTYPES: dict[Dtype, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TASK_UPSCALE = {"sr": 4.0, "face": 1.0, "denoise": 1.0}
+TASK_UPSCALE = {"sr": 4.0, "face": 1.0, "unaligned_face": 1.0, "denoise": 1.0}
+MAX_FACES = 256  # the most faces a request may ask to restore (each is a 512² restoration)
+Coordinate = Annotated[float, Field(allow_inf_nan=False)]
+FaceLandmarks = Annotated[list[tuple[Coordinate, Coordinate]], Field(min_length=5, max_length=5)]
+Progress = Callable[[int, int], None]  # (sampling steps done, steps in all), after every step
 
 
 class RestoreOptions(BaseModel):
@@ -52,7 +61,20 @@ class RestoreOptions(BaseModel):
     schedule: Version | None = Field(
         None, description="noise schedule of the weights (v2.1: zero-terminal-SNR + v); default: the model's"
     )
-    task: Literal["sr", "face", "denoise"] = "sr"
+    task: Literal["sr", "face", "unaligned_face", "denoise"] = Field(
+        "sr",
+        description="sr, face (an aligned 512² face), denoise, or unaligned_face (every face of a photo found, "
+        "aligned, restored and pasted back: diffbir.faces)",
+    )
+    landmarks: list[FaceLandmarks] | None = Field(
+        None,
+        description="unaligned_face: five [x, y] input pixels per face (eyes, nose, mouth corners, image-left "
+        "first), given instead of detecting (JSON); every image of a call shares them",
+    )
+    max_faces: int = Field(16, ge=0, le=MAX_FACES, description="unaligned_face: the largest faces restored")
+    min_face_size: float = Field(
+        5, ge=0, description="unaligned_face: faces whose eyes are closer than this many output pixels are left out"
+    )
     upscale: float | None = Field(None, gt=0, le=16, description="output / input size; default: 4 for sr, else 1")
     min_side: int = Field(512, ge=64, description="work at least at this short side (the paper's 512)")
     sampler: Literal[SAMPLERS] = "ddpm"
@@ -60,6 +82,9 @@ class RestoreOptions(BaseModel):
     cfg_scale: float = Field(4.0, ge=0)
     prompt: str = ""
     negative_prompt: str = PAPER_NEGATIVE
+    caption: bool = Field(
+        True, description="lead the prompt with the input's caption when the pipeline has a captioner (--captioner)"
+    )
     rescale_cfg: bool = Field(False, description="raise the cfg scale from 1 (t = 1000) to 1 + cfg_scale (t = 0)")
     s_churn: float = Field(0.0, ge=0, description="edm_euler/heun/dpm_2: stochastic churn")
     s_tmin: float = Field(0.0, ge=0, description="edm_euler/heun/dpm_2: churn only for sigma >= this")
@@ -101,7 +126,22 @@ class RestoreOptions(BaseModel):
     def _check(self) -> RestoreOptions:
         if self.tile_size % 64 or self.tile_stride % 8 or self.tile_stride > self.tile_size:
             raise ValueError("tile_size must be a multiple of 64 and tile_stride a multiple of 8, at most tile_size")
+        if self.landmarks is not None and self.task != "unaligned_face":
+            raise ValueError("landmarks: only task unaligned_face uses them")
+        if self.landmarks is not None and len(self.landmarks) > self.max_faces:
+            raise ValueError(f"landmarks: {len(self.landmarks)} faces, over max_faces ({self.max_faces})")
         return self
+
+    @field_validator("landmarks", mode="before")
+    @classmethod
+    def _landmarks_json(cls, v):
+        """A form field or query parameter brings the landmarks as JSON text."""
+        if isinstance(v, str):
+            try:
+                return json.loads(v)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"not JSON: {e}") from e
+        return v
 
     @property
     def scale(self) -> float:
@@ -153,12 +193,37 @@ class RestorationPipeline:
         self.stage1_resizes_first = swinir is not None
         self.contexts: OrderedDict[str, torch.Tensor] = OrderedDict()  # text contexts by prompt, LRU first
         self.context_cache_size = 64  # text contexts kept, least recently used dropped first
+        self.captioner: Captioner | None = None  # off by default; entry points plug one in (CaptionerSettings)
+        self.configure_faces(FaceConfig())
 
     @classmethod
     def from_pretrained(
-        cls, paths: str | Path | Sequence[str | Path], device: str = "cpu", dtype: Dtype = "fp32", **load_kwargs
+        cls,
+        paths: str | Path | Sequence[str | Path],
+        device: str = "cpu",
+        dtype: Dtype = "fp32",
+        matmul_precision: MatmulPrecision = "highest",
+        **load_kwargs,
     ) -> RestorationPipeline:
+        """The pipeline of a model directory or official files; `matmul_precision` is set for the
+        process (torch's setting: it applies to every model the process runs)."""
+        torch.set_float32_matmul_precision(matmul_precision)
         return cls(load_model(paths, **load_kwargs), device, DTYPES[dtype])
+
+    def configure_faces(self, cfg: FaceConfig) -> None:
+        """The detector and parser of task unaligned_face, and the model that restores its faces: the
+        stage-1 file `cfg.face_model` with this model's IRControlNet (the official v2.1 pairs the face
+        SwinIR with the general ControlNet), or this pipeline as it is."""
+        self.faces = FaceTools(cfg, self.device)
+        self.face_pipeline = self
+        if cfg.face_model:
+            stage1 = {n: p for n, p in load_model(cfg.face_model).parts.items() if n in ("swinir", "stage1")}
+            if not stage1:
+                raise ValueError(f"faces.face_model {cfg.face_model}: holds no stage-1 model")
+            parts = {n: p for n, p in self.bundle.parts.items() if n not in ("swinir", "stage1")} | stage1
+            bundle = ModelBundle(parts, self.bundle.diffusion, self.bundle.latent_scale_factor, self.bundle.version)
+            self.face_pipeline = RestorationPipeline(bundle, self.device, self.dtype)
+            self.face_pipeline.context_cache_size = self.context_cache_size
 
     def options(self, opts: RestoreOptions | None = None) -> RestoreOptions:
         """The options a run uses: without a preset, the model's version fills what was not given."""
@@ -222,17 +287,28 @@ class RestorationPipeline:
 
     @torch.no_grad()
     def __call__(
-        self, images: Sequence[np.ndarray], opts: RestoreOptions | None = None, seeds: Sequence[int] | None = None
+        self,
+        images: Sequence[np.ndarray],
+        opts: RestoreOptions | None = None,
+        seeds: Sequence[int] | None = None,
+        progress: Progress | None = None,
+        captions: Sequence[Caption] | None = None,
     ) -> list[np.ndarray]:
         """Restore a batch: RGB float (H, W, 3) arrays in [0, 1] of any sizes -> restored arrays.
-        Image i uses seed `seeds[i]` (default opts.seed + i), independent of its batch mates."""
+        Image i uses seed `seeds[i]` (default opts.seed + i), independent of its batch mates.
+        `progress` hears of every sampling step. Image i's positive prompt is `captions[i]` (default:
+        self.caption of the inputs) combined with opts.prompt."""
         opts = self.options(opts)
+        captions = captions if captions is not None else self.caption(images, [opts] * len(images))
+        prompts = [combine_prompt(c.text, opts.prompt) for c in captions]
         seeds = list(seeds) if seeds is not None else [(opts.seed + i) % 2**64 for i in range(len(images))]
+        if opts.task == "unaligned_face":
+            return self._restore_unaligned(images, opts, seeds, progress, captions)
         plans = [plan_sizes(im.shape[0], im.shape[1], opts.scale, opts.min_side) for im in images]
         canvases = [canvas_size(im.shape[0], im.shape[1], opts) for im in images]
         H, W = max(h for h, _ in canvases), max(w for _, w in canvases)  # the batch's common size
         clean = [self.run_stage1(self._tensor(im), work, opts) for im, (_, work) in zip(images, plans)]
-        decoded = self._diffuse(torch.cat([_pad(c, (H, W)) for c in clean]), opts, seeds)
+        decoded = self._diffuse(torch.cat([_pad(c, (H, W)) for c in clean]), opts, seeds, prompts, progress)
         out = []
         for i, (size, work) in enumerate(plans):
             img = decoded[i : i + 1, :, : work[0], : work[1]]
@@ -241,12 +317,63 @@ class RestorationPipeline:
             out.append(_to_numpy(_resize(img, size)))
         return out
 
+    def _restore_unaligned(
+        self,
+        images: Sequence[np.ndarray],
+        opts: RestoreOptions,
+        seeds: Sequence[int],
+        progress: Progress | None,
+        captions: Sequence[Caption],
+    ) -> list[np.ndarray]:
+        """Task unaligned_face, as the official v2.1: faces found on the input upscaled (bicubic) to the
+        output size, aligned to 512², restored together as task `face` by the face pipeline; the
+        background restored whole by the general path (tiled when large); the faces pasted back.
+        Face k of image i samples with seed seeds[i] + 1 + k and image i's caption."""
+        general = opts.model_copy(update=dict(task="sr", upscale=opts.scale, landmarks=None))
+        face_opts = opts.model_copy(update=dict(task="face", upscale=1.0, min_side=FACE_SIZE, landmarks=None))
+        crops, owners, matrices, face_seeds = [], [], [], []
+        for i, im in enumerate(images):
+            (oh, ow), _ = plan_sizes(im.shape[0], im.shape[1], opts.scale, opts.min_side)
+            upscaled = np.clip(cv2.resize(im, (ow, oh), interpolation=cv2.INTER_CUBIC), 0, 1)
+            if opts.landmarks is not None:
+                points = check_landmarks(opts.landmarks, im.shape[0], im.shape[1])
+                points = points * np.array([ow / im.shape[1], oh / im.shape[0]], np.float32)
+            else:
+                points = self.faces.detect(upscaled, opts.min_face_size, opts.max_faces)
+            for k, landmarks in enumerate(points):
+                matrices.append(align_matrix(landmarks))
+                crops.append(warp_face(upscaled, matrices[-1]))
+                owners.append(i)
+                face_seeds.append((seeds[i] + 1 + k) % 2**64)
+        size = self.faces.cfg.batch_size
+        calls = math.ceil(len(crops) / size) + 1  # the face batches, then the background
+        restored = []
+        for n, start in enumerate(range(0, len(crops), size)):
+            chunk = slice(start, start + size)
+            heard = _progress_part(progress, n, calls)
+            caps = [captions[i] for i in owners[chunk]]
+            restored += self.face_pipeline(crops[chunk], face_opts, face_seeds[chunk], heard, caps)
+        out = self(images, general, seeds, _progress_part(progress, calls - 1, calls), captions)
+        for face, matrix, i, mask in zip(restored, matrices, owners, self.faces.parse_masks(restored)):
+            out[i] = paste_face(out[i], face, matrix, mask)
+        return out
+
     @torch.no_grad()
     def stage1_image(self, image: np.ndarray, opts: RestoreOptions) -> np.ndarray:
         """What stage 1 makes of `image` on its way through the pipeline (at the output size): the
         intermediate a contact sheet shows between the input and the final image."""
         size, work = plan_sizes(image.shape[0], image.shape[1], opts.scale, opts.min_side)
         return _to_numpy(_resize(self.run_stage1(self._tensor(image), work, opts), size))
+
+    def caption(self, images: Sequence[np.ndarray], options: Sequence[RestoreOptions]) -> list[Caption]:
+        """The captions of the low-quality inputs (as the official inference: before stage 1) whose
+        options ask for one, in one captioner call; an empty Caption where none is asked for or
+        there is no captioner. A failing captioner fails no image: its error is in the Caption."""
+        captions = [Caption()] * len(images)
+        wanted = [i for i, opts in enumerate(options) if opts.caption] if self.captioner else []
+        for i, caption in zip(wanted, caption_batch(self.captioner, [images[i] for i in wanted])):
+            captions[i] = caption
+        return captions
 
     def _tensor(self, image: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(self.device, self.dtype)
@@ -262,23 +389,40 @@ class RestorationPipeline:
         return list(groups.values())
 
     def restore_grouped(
-        self, images: Sequence[np.ndarray], options: Sequence[RestoreOptions]
+        self,
+        images: Sequence[np.ndarray],
+        options: Sequence[RestoreOptions],
+        progress: Callable[[list[int], int, int], None] | None = None,
+        captions: Sequence[Caption] | None = None,
     ) -> list[np.ndarray | Exception]:
         """Restore images that each bring their own options and seed, one call per canvas group.
-        One result per image, in order: the restored image, or the exception that failed its group."""
+        One result per image, in order: the restored image, or the exception that failed its group.
+        `progress(members, done, total)`: the sampling steps of the group of those indices.
+        `captions` (default: self.caption of all the images, in one batch) lead their prompts."""
         results: list[np.ndarray | Exception] = [None] * len(images)  # type: ignore[list-item]
+        captions = captions if captions is not None else self.caption(images, options)
         for members in self.canvas_groups(images, options):
+            heard = functools.partial(progress, members) if progress else None
             try:
-                restored = self([images[i] for i in members], options[members[0]], [options[i].seed for i in members])
+                batch = [images[i] for i in members]
+                seeds = [options[i].seed for i in members]
+                restored = self(batch, options[members[0]], seeds, heard, [captions[i] for i in members])
             except Exception as e:  # noqa: BLE001 -- e.g. out of memory on a large canvas: the other groups go on
                 restored = [e] * len(members)
             for i, image in zip(members, restored):
                 results[i] = image
         return results
 
-    def _diffuse(self, clean: torch.Tensor, opts: RestoreOptions, seeds: Sequence[int]) -> torch.Tensor:
+    def _diffuse(
+        self,
+        clean: torch.Tensor,
+        opts: RestoreOptions,
+        seeds: Sequence[int],
+        prompts: Sequence[str],
+        progress: Progress | None = None,
+    ) -> torch.Tensor:
         """Stage-1 images (N,3,H,W) in [0,1], H and W multiples of 64 -> decoded images, (x + 1) / 2
-        unclamped (float32)."""
+        unclamped (float32). Image i is prompted with prompts[i]."""
         cldm, n = self.cldm, clean.shape[0]
         tiled = opts.tiled if opts.tiled is not None else max(clean.shape[-2:]) > opts.tile_size
         latent_tile, latent_stride = opts.tile_size // 8, opts.tile_stride // 8
@@ -287,12 +431,12 @@ class RestorationPipeline:
             c_img = tiled_apply(cldm.condition_latent, clean, opts.tile_size, opts.tile_size - opts.tile_stride, 1 / 8)
         else:
             c_img = cldm.condition_latent(clean)
-        c_txt = self._context(opts.prompt).expand(n, -1, -1)
+        c_txt = torch.cat([self._context(prompt) for prompt in prompts])
         c_neg = self._context(opts.negative_prompt).expand(n, -1, -1)
         if tiled:
             model = cldm_tiled_denoiser(
                 cldm,
-                c_txt[:1],
+                c_txt,
                 c_img,
                 latent_tile,
                 latent_stride,
@@ -324,9 +468,17 @@ class RestorationPipeline:
                 noise=noise,
                 tiles=(latent_tile, latent_tile - latent_stride) if tiled else None,
             )
-        z = sample(den, x_T, opts.sampler, opts.steps, x0_hook=hook, noise=noise, edm=opts.edm)
+        heard = (lambda i, x: progress(i + 1, opts.steps)) if progress else None
+        z = sample(den, x_T, opts.sampler, opts.steps, x0_hook=hook, noise=noise, callback=heard, edm=opts.edm)
         decoded = tiled_vae_decode(cldm, z, latent_tile, latent_tile - latent_stride) if tiled else cldm.vae_decode(z)
         return (decoded.float() + 1) / 2
+
+
+def _progress_part(progress: Progress | None, part: int, parts: int) -> Progress | None:
+    """`progress` told of one of `parts` equal runs of sampling steps as a share of them all."""
+    if progress is None:
+        return None
+    return lambda done, total: progress(part * total + done, parts * total)
 
 
 def name_seed(name: str, base: int) -> int:

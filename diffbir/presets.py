@@ -2,7 +2,8 @@
 RestoreOptions fields (README: the table preset -> settings).
 
 * v2.1: the defaults of the reference HEAD's inference.py (EDM DPM++ 3M SDE, 10 steps, cfg 6, its
-  long default prompts; its captioner is not run here, so the positive prompt is the default alone).
+  long default prompts). Its captioner is off by default (the positive prompt is the default alone);
+  with `--captioner` each image's caption leads that prompt, as in the reference.
 * v2: the README's "DiffBIR v2 (ECCV paper version)" commands (spaced DDPM, 50 steps, cfg 4, empty
   positive prompt, the short negative prompt).
 * v1: the v1 release's inference.py (spaced DDPM, 50 steps, no classifier-free guidance, empty prompts).

@@ -1,17 +1,23 @@
-"""Download the prefiltered LAION rows with img2dataset, one Ray task per fixed-size shard.
+"""The streaming pass from URL to candidate: one Ray task per fixed-size shard of the
+prefiltered LAION rows downloads them with img2dataset, decodes and size-checks them, scores and
+judges each batch of downloaded images as it arrives (`pipelines.quality`) and writes only the
+images that pass. Nothing stores the rejected majority.
 
-Output, in img2dataset's webdataset layout: `{shard:05d}.tar` ({key}.jpg with the original bytes,
-{key}.txt, {key}.json), `{shard:05d}.parquet` (one row per input row, with status and
-error_message) and `{shard:05d}_stats.json`; plus `_plan.json` (shard size and row count).
+Output per shard: `{shard:05d}.tar`, the candidates in img2dataset's webdataset layout ({key}.jpg
+with the original bytes, {key}.txt, {key}.json); `{shard:05d}.parquet`, the fate of every input
+row (FATE_SCHEMA: url, key, status `failed`/`rejected`/`kept`, reason, the scores where measured;
+a kept row is a `pipelines.quality.SCORED_SCHEMA` record pointing at its bytes in the tar, which
+is what dedup and the shard writer take); `{shard:05d}_stats.json` (img2dataset's counts and
+duration); plus `_plan.json` (shard size, row count and the quality thresholds).
 
 Shard i holds rows [i*shard_size, (i+1)*shard_size) of the input files taken in name order, so
-a rerun over the same input makes the same shards. Each task downloads into its own directory
-under `_tmp/` and then moves the tar, the parquet and, last, the stats into place: a shard is
-finished exactly when its `_stats.json` exists, and a tar or parquet in the output directory is
-always complete. A run first deletes `_tmp/` and any tar or parquet whose stats are missing
-(leftovers of a killed run), skips finished shards and downloads the rest; a failed shard is
+a rerun over the same input makes the same shards. Each task writes into its own directory
+under `_tmp/` and the driver then moves the tar, the parquet and, last, the stats into place: a
+shard is finished exactly when its `_stats.json` exists, and a tar or parquet in the output
+directory is always complete. A run first deletes `_tmp/` and any tar or parquet whose stats are
+missing (leftovers of a killed run), skips finished shards and does the rest; a failed shard is
 retried by Ray (`shard_retries`), and one that still fails is recorded in the result while the
-others finish: a rerun downloads only the shards that are not finished.
+others finish: a rerun does only the shards that are not finished.
 
 Every URL is bounded: `timeout` per socket operation, `deadline` for the whole request (a server
 that drips bytes ends there), `max_bytes` of body (reading stops past it) and `max_image_area`
@@ -20,7 +26,9 @@ it never fails its shard.
 
 img2dataset's own `download()` numbers the shards of every call from 0 (so per-shard calls would
 all write keys 000000000...) and starts two extra processes per call; the tasks therefore drive
-its Reader, Resizer and Downloader directly with the shard's real id, as `download()` would.
+its Reader, Resizer and Downloader directly with the shard's real id, as `download()` would, and
+give the Downloader `_CandidateWriter` as its sample writer: img2dataset calls it with every row
+(the image bytes, or the error) as its download threads finish them.
 """
 
 from __future__ import annotations
@@ -37,13 +45,14 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import cv2
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
@@ -51,13 +60,14 @@ from img2dataset import downloader as img2dataset_downloader
 from img2dataset.downloader import Downloader, is_disallowed
 from img2dataset.reader import Reader
 from img2dataset.resizer import Resizer
-from img2dataset.writer import WebDatasetSampleWriter
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from pipelines.prefilter import parquet_files
+from pipelines.quality import SCORED_SCHEMA, QualityConfig, score_rows
 from pipelines.ray_env import ensure_ray
+from pipelines.tars import TarAppender
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +77,10 @@ _PIL_REFUSES_PIXELS = 2 * 89_478_485  # Pillow's Image.open raises Decompression
 _DEADLINE_ERROR = "no complete response within the deadline"
 _BODY_ERROR = "response body over the size limit"
 _AREA_ERROR = "image area too large"  # img2dataset's own message for max_image_area
+# the fate of every input row: its candidate record (SCORED_SCHEMA; `reason` is the download
+# failure or the first failed quality check) plus where it came from and what became of it
+FATE_SCHEMA = pa.schema([("url", pa.string()), ("status", pa.string()), *SCORED_SCHEMA])
+FAILED, REJECTED, KEPT = "failed", "rejected", "kept"  # a FATE_SCHEMA row's status
 
 
 class DownloadConfig(BaseModel):
@@ -106,15 +120,17 @@ class DownloadConfig(BaseModel):
     url_col: str = "URL"
     caption_col: str = "TEXT"
     user_agent_token: str | None = Field(None, description="added to the User-Agent; X-Robots-Tag rules for it apply")
+    score_batch: int = Field(
+        16, ge=1, le=1024, description="downloaded images scored together (held in memory until then)"
+    )
 
 
 @dataclass(frozen=True)
 class ShardStats:
     shard: int
     count: int
-    successes: int
-    failures: dict[str, int]  # failure_reason -> rows
-    duration: float  # seconds the shard's download took (one CPU)
+    successes: int  # downloaded and decoded within the size checks (then scored)
+    duration: float  # seconds the shard's download and scoring took (one CPU)
     resumed: bool = False  # finished by an earlier run
 
 
@@ -138,8 +154,13 @@ class DownloadResult:
 
     @property
     def tars(self) -> list[str]:
-        """The finished shards' tars (what the next stage reads), in shard order."""
+        """The finished shards' candidate tars, in shard order."""
         return [f"{self.output_dir.rstrip('/')}/{s.shard:0{OOM_SHARD_COUNT}d}.tar" for s in self.shards]
+
+    @property
+    def fates(self) -> list[str]:
+        """The finished shards' fate parquets (FATE_SCHEMA), in shard order."""
+        return [f"{self.output_dir.rstrip('/')}/{s.shard:0{OOM_SHARD_COUNT}d}.parquet" for s in self.shards]
 
     @property
     def count(self) -> int:
@@ -150,15 +171,8 @@ class DownloadResult:
         return sum(s.successes for s in self.shards)
 
     @property
-    def failures(self) -> dict[str, int]:
-        total = Counter()
-        for s in self.shards:
-            total.update(s.failures)
-        return dict(sorted(total.items()))
-
-    @property
     def images_per_s_per_core(self) -> float:
-        """Successes per CPU-second of shard tasks (each holds one CPU): the benchmark's rate."""
+        """Downloaded images per CPU-second of shard tasks (each holds one CPU; they score too)."""
         busy = sum(s.duration for s in self.shards)
         return self.successes / busy if busy else 0.0
 
@@ -168,7 +182,6 @@ class DownloadResult:
             "count": self.count,
             "successes": self.successes,
             "failed_rows": self.failed_rows,
-            "failures": self.failures,
             "images_per_s_per_core": self.images_per_s_per_core,
         }
 
@@ -365,6 +378,72 @@ class _HeaderCheckedResizer(Resizer):
         return super().__call__(img_stream, blurring_bbox_list)
 
 
+class _CandidateWriter:
+    """img2dataset's sample writer for the streaming pass. Rows arrive as the download threads
+    finish them; every `batch` downloaded images are scored and judged together, those that
+    pass go to the candidate tar `{shard}.tar` at once (their bytes are then dropped), and each
+    row's fate to `{shard}.parquet`, sorted by key, on close. `source` is the URL the tar will
+    have once committed: the candidate records point there."""
+
+    def __init__(
+        self, shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format, *, quality, source, batch
+    ):
+        self._fs, folder = fsspec.core.url_to_fs(output_folder)
+        name = f"{shard_id:0{oom_shard_count}d}"
+        self._parquet = f"{folder}/{name}.parquet"
+        self._file = self._fs.open(f"{folder}/{name}.tar", "wb")
+        self._tar = TarAppender(self._file)
+        self._ext, self._quality, self._source, self._batch = encode_format, quality, source, batch
+        self._pending: list[dict] = []  # downloaded, not yet scored
+        self._fates: list[dict] = []
+
+    def write(self, img_str, key, caption, meta) -> None:
+        meta = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in meta.items()}
+        if img_str is None:
+            reason = failure_reason(meta["error_message"] or "")
+            self._fates.append(
+                dict.fromkeys(FATE_SCHEMA.names)
+                | {"url": meta["url"], "key": key, "status": FAILED, "reason": reason, "reasons": [reason]}
+                | {"error": meta["error_message"], "passed": False}
+            )
+            return
+        self._pending.append(
+            {
+                "key": key,
+                "source": self._source,
+                "offset": None,  # set when written
+                "size": len(img_str),
+                "ext": self._ext,
+                "image": img_str,
+                "caption": "" if caption is None else str(caption),
+                "meta": json.dumps(meta),
+                "error": None,
+                "url": meta["url"],
+            }
+        )
+        if len(self._pending) >= self._batch:
+            self._score()
+
+    def _score(self) -> None:
+        for row, rec in zip(self._pending, score_rows(self._pending, self._quality)):
+            rec["url"] = row["url"]
+            if rec["passed"]:
+                members = {row["ext"]: row["image"], "txt": row["caption"].encode(), "json": row["meta"].encode()}
+                rec |= {"status": KEPT, "offset": self._tar.add(row["key"], members)[row["ext"]].offset}
+            else:  # only the fate is kept
+                rec |= {"status": REJECTED, "source": None, "caption": None, "meta": None}
+            self._fates.append(rec)
+        self._pending = []
+
+    def close(self) -> None:
+        self._score()
+        self._tar.close()
+        self._file.close()
+        fates = pa.Table.from_pylist(sorted(self._fates, key=lambda r: r["key"]), schema=FATE_SCHEMA)
+        with self._fs.open(self._parquet, "wb") as f:
+            pq.write_table(fates, f)
+
+
 def plan_shards(
     fs: fsspec.AbstractFileSystem, paths: Sequence[str], shard_size: int
 ) -> list[list[tuple[str, int, int]]]:
@@ -404,24 +483,24 @@ def _read_rows(fs: fsspec.AbstractFileSystem, pieces: list[tuple[str, int, int]]
 
 
 def _shard_stats(fs: fsspec.AbstractFileSystem, folder: str, shard: int, resumed: bool = False) -> ShardStats:
-    name = f"{shard:0{OOM_SHARD_COUNT}d}"
-    with fs.open(f"{folder}/{name}{_DONE}") as f:
+    with fs.open(f"{folder}/{shard:0{OOM_SHARD_COUNT}d}{_DONE}") as f:
         stats = json.load(f)
-    with fs.open(f"{folder}/{name}.parquet", "rb") as f:
-        rows = pq.read_table(f, columns=["status", "error_message"]).to_pylist()
-    failures = Counter(failure_reason(r["error_message"] or "") for r in rows if r["status"] != "success")
-    return ShardStats(
-        shard, stats["count"], stats["successes"], dict(sorted(failures.items())), stats["duration"], resumed
-    )
+    return ShardStats(shard, stats["count"], stats["successes"], stats["duration"], resumed)
 
 
 @ray.remote
 def _download_shard(
-    shard: int, pieces: list[tuple[str, int, int]], input_fs, output_dir: str, config: DownloadConfig
+    shard: int,
+    pieces: list[tuple[str, int, int]],
+    input_fs,
+    output_dir: str,
+    config: DownloadConfig,
+    quality: QualityConfig,
 ) -> str:
-    """Download one shard into a fresh directory under `_tmp` and return its path; the driver
-    commits it (`_commit_shard`), so that a task orphaned by a killed driver can never finish a
-    shard behind a rerun's back."""
+    """Download and score one shard into a fresh directory under `_tmp` and return its path;
+    the driver commits it (`_commit_shard`), so that a task orphaned by a killed driver can
+    never finish a shard behind a rerun's back."""
+    cv2.setNumThreads(1)  # the task holds one CPU; OpenCV's threads would take the others'
     fs, out = fsspec.core.url_to_fs(output_dir)
     name = f"{shard:0{OOM_SHARD_COUNT}d}"
     tmp = f"{out}/_tmp/{name}-{uuid.uuid4().hex}"  # one directory per attempt: a retry never meets a half-written one
@@ -459,8 +538,11 @@ def _download_shard(
             max_image_area=config.max_image_area,
             max_aspect_ratio=config.max_aspect_ratio,
         )
+        writer = functools.partial(
+            _CandidateWriter, quality=quality, source=f"{output_dir.rstrip('/')}/{name}.tar", batch=config.score_batch
+        )
         downloader = Downloader(
-            sample_writer_class=WebDatasetSampleWriter,
+            sample_writer_class=writer,
             resizer=resizer,
             thread_count=config.thread_count,
             save_caption=True,
@@ -518,13 +600,14 @@ def _finished_shards(fs: fsspec.AbstractFileSystem, out: str) -> set[int]:
 
 
 def _check_plan(fs: fsspec.AbstractFileSystem, path: str, plan: dict) -> None:
-    """Resuming is only sound over the same input cut the same way: refuse another shard size
-    or row count. (Same-sized different content is not detected, as in img2dataset.)"""
+    """Resuming is only sound over the same input cut the same way and judged the same way:
+    refuse another shard size, row count or thresholds. (Same-sized different content is not
+    detected, as in img2dataset.)"""
     if not fs.exists(path):
         fs.pipe_file(path, json.dumps(plan).encode())
     elif (old := json.loads(fs.cat_file(path))) != plan:
         raise ValueError(
-            f"{fs.unstrip_protocol(path)}: this output holds shards of another input or shard size "
+            f"{fs.unstrip_protocol(path)}: this output holds shards of another input, shard size or quality config "
             f"({old}, now {plan}); use a new output directory"
         )
 
@@ -537,33 +620,38 @@ def _one_line(err: ray.exceptions.RayError) -> str:
 
 
 def download(
-    inputs: str | Path | Sequence[str | Path], output_dir: str | Path, config: DownloadConfig | None = None
+    inputs: str | Path | Sequence[str | Path],
+    output_dir: str | Path,
+    config: DownloadConfig | None = None,
+    quality: QualityConfig | None = None,
 ) -> DownloadResult:
     """Download the rows of the prefiltered parquet `inputs` (files, directories, globs or
-    fsspec URLs) into webdataset shards under `output_dir`, resuming an earlier run there.
-    A shard that still fails after its retries is logged and listed in the result's `failed`
-    while the others finish; a rerun downloads only it. Returns per-shard and total stats, with
-    the per-core download rate."""
-    config = config or DownloadConfig()
+    fsspec URLs), score them with `quality` (its CPU checks: a learned scorer runs later, as
+    `pipelines.quality.learned_iqa_stage`) and write the candidates and every row's fate under
+    `output_dir`, resuming an earlier run there. A shard that still fails after its retries is
+    logged and listed in the result's `failed` while the others finish; a rerun does only it.
+    Returns per-shard and total stats, with the per-core rate."""
+    config, quality = config or DownloadConfig(), quality or QualityConfig()
     started = time.monotonic()
     input_fs, paths = parquet_files(inputs)
     shards = plan_shards(input_fs, paths, config.shard_size)
     fs, out = fsspec.core.url_to_fs(str(output_dir))
     fs.makedirs(out, exist_ok=True)
     rows = sum(stop - start for shard in shards for _, start, stop in shard)
-    _check_plan(fs, f"{out}/_plan.json", {"shard_size": config.shard_size, "rows": rows})
+    thresholds = quality.model_dump(mode="json", exclude={"learned_iqa"})
+    _check_plan(fs, f"{out}/_plan.json", {"shard_size": config.shard_size, "rows": rows, "quality": thresholds})
     done = _finished_shards(fs, out)
     ensure_ray()
 
     remote = _download_shard.options(max_retries=config.shard_retries, retry_exceptions=True, num_cpus=1)
     pending = {
-        remote.remote(i, pieces, input_fs, str(output_dir), config): i
+        remote.remote(i, pieces, input_fs, str(output_dir), config, quality): i
         for i, pieces in enumerate(shards)
         if i not in done
     }
     stats = {i: _shard_stats(fs, out, i, resumed=True) for i in done if i < len(shards)}
     failed = []
-    with tqdm(total=len(shards), initial=len(stats), desc="download shards", unit="shard") as bar:
+    with tqdm(total=len(shards), initial=len(stats), desc="download+score shards", unit="shard") as bar:
         while pending:
             (ref,), _ = ray.wait(list(pending), num_returns=1)
             i = pending.pop(ref)
@@ -581,12 +669,11 @@ def download(
         sorted(failed, key=lambda f: f.shard),
     )
     log.info(
-        "download: %d of %d images in %d shards (%d failed: rerun to retry them); failures %s; %.1f images/s per core",
+        "download: %d of %d images in %d shards (%d failed: rerun to retry them); %.1f images/s per core",
         result.successes,
         result.count,
         len(result.shards),
         len(result.failed),
-        result.failures,
         result.images_per_s_per_core,
     )
     return result

@@ -1,16 +1,23 @@
-"""LAION-2B-en metadata -> quality-filtered WebDataset shards: prefilter -> download -> quality
-filter -> near-duplicate removal -> final shards, index and stats report.
+"""LAION-2B-en metadata -> quality-filtered WebDataset shards: prefilter -> one streaming pass
+from URL to candidate (download, decode, size checks, quality measures and judge in the same
+task, per download shard) -> [learned IQA] -> near-duplicate removal -> final shards, index and
+stats report.
 
     python -m pipelines.filter_laion                                  # the embedded sample
     python -m pipelines.filter_laion --metadata 's3://bucket/laion2B-en/*.parquet' --output s3://bucket/out
     python -m pipelines.filter_laion --config pipelines/configs/filter_laion.yaml [--output DIR]
     python -m pipelines.filter_laion --prefilter.min-side 512 --dedup '{"max_distance": 4}'   # any stage field
 
-Every stage runs on Ray (RAY_ADDRESS joins a cluster). Each stage writes its output completely
-before the next starts, and the download resumes finished shards, so a rerun after a crash
-continues where it stopped and produces the same shards. A download shard that still fails after
-its retries is named in the report and the run finishes without it (exit status 3); a rerun
-downloads only the shards that are missing. A stage that keeps nothing ends the run with an
+Every stage runs on Ray (RAY_ADDRESS joins a cluster). The streaming pass (`pipelines.download`)
+writes, per shard, only the images that pass the CPU quality checks (candidate tars) and a small
+parquet with every row's fate and reason; the rejected majority is never stored. Those parquets
+are what the report counts and what the later stages read. A learned IQA scorer, when configured
+(`quality.learned_iqa`), is a separate streaming Ray Data stage on (GPU) actors over the
+candidates (`pipelines.quality.learned_iqa_stage`); it writes the scored candidates once, so that
+a rerun reuses them. The pass commits each shard atomically and a rerun does only the missing
+ones, so a run killed at any point and rerun produces the same shards. A shard that still fails
+after its retries is named in the report and the run finishes without it (exit status 3); a
+rerun does only the shards that are missing. A stage that keeps nothing ends the run with an
 empty shard set, its index and the report (exit status 0, a warning).
 """
 
@@ -28,16 +35,17 @@ import fsspec
 import pandas as pd
 import ray.data
 from pydantic import BaseModel, ConfigDict, Field
+from ray.data.expressions import col
 
 from diffbir.config import parse_config
 from pipelines.dedup import DedupConfig, dedup
-from pipelines.download import DownloadConfig, download
+from pipelines.download import FAILED, KEPT, REJECTED, DownloadConfig, download
 from pipelines.prefilter import PrefilterConfig, prefilter
-from pipelines.quality import SCORE_NAMES, QualityConfig, score_quality, split_quality
+from pipelines.quality import SCORE_NAMES, SCORED_SCHEMA, LearnedIQAConfig, QualityConfig, learned_iqa_stage
 from pipelines.ray_env import ensure_ray
 from pipelines.sample import embedded_sample
 from pipelines.shards import ShardConfig, write_shards
-from pipelines.stats import StageStats, summarize_scored, write_report
+from pipelines.stats import StageStats, summarize_fates, write_report
 
 log = logging.getLogger("filter_laion")
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "filter_laion.yaml"
@@ -87,13 +95,41 @@ class _Filtered:
 
     stages: list[StageStats] = field(default_factory=list)
     failed_shards: list[dict] = field(default_factory=list)
-    scored: ray.data.Dataset | None = None  # every assessed sample, for the report's scores
+    scores: pd.DataFrame | None = None  # scores of (a uniform sample of) the assessed samples
+    n_scored: int = 0
+    failed_checks: dict[str, int] = field(default_factory=dict)
     unique: ray.data.Dataset | None = None  # the samples to write; None: a stage kept nothing
 
 
+def candidates(fates: list[str]) -> ray.data.Dataset:
+    """The kept rows of the streaming pass's fate parquets, as the quality filter's records
+    (SCORED_SCHEMA): what dedup and the shard writer take."""
+    ds = ray.data.read_parquet(fates).select_columns(["status", *SCORED_SCHEMA.names])
+    return ds.filter(expr=col("status") == KEPT).drop_columns(["status"])
+
+
+def _learned_iqa(
+    kept: ray.data.Dataset, config: LearnedIQAConfig, folder: str, fates: list[str]
+) -> tuple[ray.data.Dataset, dict[str, int]]:
+    """Run the learned-IQA stage over the candidates `kept` (of the shards `fates`) once: its
+    output (every candidate with its score) is written to `folder` by the workers and stamped
+    with the config and the shards, so that a rerun over the same ones reuses it. Returns the
+    candidates that pass and the rejections by reason, counted in Ray tasks."""
+    fs, path = fsspec.core.url_to_fs(folder)
+    stamp, stamp_path = json.dumps({"config": config.model_dump(), "shards": fates}), f"{path}.json"
+    if not (fs.exists(stamp_path) and fs.cat_file(stamp_path).decode() == stamp):
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+        learned_iqa_stage(kept, config).write_parquet(folder)
+        fs.pipe_file(stamp_path, stamp.encode())
+    scored = ray.data.read_parquet(folder)
+    rejected = scored.filter(expr=~col("passed")).groupby("reason").count().take_all()
+    return scored.filter(expr=col("passed")), {r["reason"]: r["count()"] for r in rejected}
+
+
 def _filter(cfg: FilterLaionConfig, metadata: list[str], work: str) -> _Filtered:
-    """Prefilter, download, quality filter and dedup, each counted; stops after a stage that
-    keeps nothing (the next would have no input to read)."""
+    """Prefilter, the streaming pass (download and quality filter), learned IQA and dedup,
+    each counted; stops after a stage that keeps nothing (the next would have no input)."""
     done = _Filtered()
     t = time.monotonic()
     pre = prefilter(metadata, f"{work}/prefiltered", cfg.prefilter)
@@ -103,28 +139,36 @@ def _filter(cfg: FilterLaionConfig, metadata: list[str], work: str) -> _Filtered
         return done
 
     t = time.monotonic()
-    dl = download(pre.files, f"{work}/download", cfg.download)
-    # rows of failed shards count as rejected, so that the stage still adds up
-    rejected = dl.failures | ({"shard_failed": dl.failed_rows} if dl.failed else {})
-    done.stages.append(StageStats("download", dl.count + dl.failed_rows, dl.successes, rejected))
+    dl = download(pre.files, f"{work}/candidates", cfg.download, cfg.quality)
     done.failed_shards = [{"stage": "download"} | asdict(f) for f in dl.failed]
+    fates, done.scores = summarize_fates(dl.fates, SCORE_NAMES, cfg.report_score_rows)
+    done.n_scored, done.failed_checks = fates.scored, fates.failed_checks
+    # rows of failed shards count as rejected, so that the stage still adds up
+    rejected = fates.by_status.get(FAILED, {}) | ({"shard_failed": dl.failed_rows} if dl.failed else {})
+    done.stages.append(StageStats("download", fates.total + dl.failed_rows, fates.scored, rejected))
     log.info(
-        "download: %d -> %d images (%.0f s; %.1f images/s/core)",
-        dl.count + dl.failed_rows,
-        dl.successes,
+        "download+score: %d -> %d images downloaded, %d candidates (%.0f s; %.1f images/s/core)",
+        fates.total + dl.failed_rows,
+        fates.scored,
+        fates.n(KEPT),
         time.monotonic() - t,
         dl.images_per_s_per_core,
     )
-    if not dl.successes:
+    if not fates.scored:
         return done
 
-    t = time.monotonic()
-    done.scored = score_quality(dl.tars, cfg.quality).materialize()
-    kept, rejected = split_quality(done.scored)
-    kept = kept.materialize()
-    n_scored, n_kept = done.scored.count(), kept.count()
-    done.stages.append(StageStats("quality", n_scored, n_kept, rejected))
-    log.info("quality: %d -> %d images (%.0f s)", n_scored, n_kept, time.monotonic() - t)
+    rejected, n_kept = dict(fates.by_status.get(REJECTED, {})), fates.n(KEPT)
+    kept = candidates(dl.fates)
+    if cfg.quality.learned_iqa and n_kept:
+        t = time.monotonic()
+        kept, iqa_rejected = _learned_iqa(kept, cfg.quality.learned_iqa, f"{work}/learned_iqa", dl.fates)
+        for reason, n in iqa_rejected.items():
+            rejected[reason] = rejected.get(reason, 0) + n
+            done.failed_checks[reason] = done.failed_checks.get(reason, 0) + n
+        n_kept -= sum(iqa_rejected.values())
+        log.info("learned IQA: %d rejected (%.0f s)", sum(iqa_rejected.values()), time.monotonic() - t)
+    done.stages.append(StageStats("quality", fates.scored, n_kept, rejected))
+    log.info("quality: %d -> %d images", fates.scored, n_kept)
     if not n_kept:
         return done
 
@@ -171,13 +215,16 @@ def run(cfg: FilterLaionConfig) -> dict:
 
         written = write_shards(done.unique if done.unique is not None else [], f"{out}/shards", cfg.shards)
         done.stages.append(StageStats("shards", written.n_in, written.n_out, written.rejected))
-        if done.scored is not None:
-            scores, failed = summarize_scored(done.scored, SCORE_NAMES, cfg.report_score_rows)
-            n_scored = done.scored.count()
-        else:
-            scores, failed, n_scored = pd.DataFrame(columns=list(SCORE_NAMES)), {}, 0
+        scores = done.scores if done.scores is not None else pd.DataFrame(columns=list(SCORE_NAMES))
         files = write_report(
-            out, done.stages, scores, cfg.quality.thresholds(), failed, n_scored, done.failed_shards, warnings
+            out,
+            done.stages,
+            scores,
+            cfg.quality.thresholds(),
+            done.failed_checks,
+            done.n_scored,
+            done.failed_shards,
+            warnings,
         )
     with fsspec.open(files["json"]) as f:
         report = json.load(f)

@@ -3,13 +3,15 @@
 `write_report` writes `stats.json` (machine-readable), `stats.md` (for people) and
 `score_histograms.png` (each score's histogram with its thresholds marked) to a local directory
 or fsspec URL. With the quality stage, distributions are taken over the assessed samples (kept
-and rejected), or a uniform sample of them at scale; failed-check counts are exact:
+and rejected), or a uniform sample of them at scale; counts and failed checks are exact. The data
+pipeline takes both from the streaming pass's per-shard fate parquets, counted in Ray tasks:
 
-    scored = score_quality(tars, config).materialize()
-    kept, rejected = split_quality(scored)
-    scores, failed = summarize_scored(scored, SCORE_NAMES, max_rows=1_000_000)
-    write_report(out, [StageStats("quality", scored.count(), kept.count(), rejected), ...],
-                 scores, config.thresholds(), failed, scored.count())
+    counts, scores = summarize_fates(result.fates, SCORE_NAMES, max_rows=1_000_000)
+    write_report(out, [StageStats("download", counts.total, counts.scored, counts.by_status["failed"]),
+                       StageStats("quality", counts.scored, counts.n("kept"), counts.by_status["rejected"]), ...],
+                 scores, config.thresholds(), counts.failed_checks, counts.scored)
+
+(`summarize_scored` does the same for a materialised `pipelines.quality.score_quality` result.)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 if TYPE_CHECKING:
     import ray.data
@@ -81,6 +84,66 @@ def summarize_scored(
     if n > max_rows:
         sample = sample.random_sample(max_rows / n, seed=seed)
     return sample.to_pandas(), failed
+
+
+FAILED = "failed"  # the fate of a row that was never scored (pipelines.download.FATE_SCHEMA)
+_COUNTS = pa.schema([("check", pa.bool_()), ("status", pa.string()), ("reason", pa.string()), ("n", pa.int64())])
+
+
+@dataclass
+class FateCounts:
+    """Rows of fate parquets by status and reason (reason "" for none), and every failed check of
+    the scored rows (all but FAILED; a row can fail several)."""
+
+    by_status: dict[str, dict[str, int]] = field(default_factory=dict)
+    failed_checks: dict[str, int] = field(default_factory=dict)
+
+    def n(self, status: str) -> int:
+        return sum(self.by_status.get(status, {}).values())
+
+    @property
+    def total(self) -> int:
+        return sum(map(sum, (d.values() for d in self.by_status.values())))
+
+    @property
+    def scored(self) -> int:
+        return self.total - self.n(FAILED)
+
+
+def _count_fates(batch: pa.Table) -> pa.Table:
+    """One block of fate rows → its counts (a few rows), so only counts reach the driver."""
+    status, reason, reasons = (batch[c].to_pylist() for c in ("status", "reason", "reasons"))
+    fates = Counter(zip(status, (r or "" for r in reason)))
+    checks = Counter(r for s, rs in zip(status, reasons) if s != FAILED for r in rs or ())
+    rows = [(False, s, r, n) for (s, r), n in fates.items()] + [(True, "", r, n) for r, n in checks.items()]
+    return pa.Table.from_pylist([dict(zip(_COUNTS.names, row)) for row in rows], schema=_COUNTS)
+
+
+def summarize_fates(
+    files: Sequence[str], columns: Sequence[str], max_rows: int, seed: int = 0
+) -> tuple[FateCounts, pd.DataFrame]:
+    """Fate parquets (`status`, `reason`, `reasons` and score columns) → (exact counts, `columns`
+    of a uniform sample of about `max_rows` scored rows, or of all if there are no more). Both
+    are computed in Ray tasks; the driver holds the counts and the sample only."""
+    if not files:
+        return FateCounts(), pd.DataFrame(columns=list(columns))
+    import ray.data
+    from ray.data.expressions import col
+
+    counts = FateCounts()
+    blocks = ray.data.read_parquet(list(files)).select_columns(["status", "reason", "reasons"])
+    for row in blocks.map_batches(_count_fates, batch_format="pyarrow").iter_rows():
+        into = counts.failed_checks if row["check"] else counts.by_status.setdefault(row["status"], {})
+        into[row["reason"]] = into.get(row["reason"], 0) + row["n"]
+    counts.by_status = {s: dict(sorted(d.items())) for s, d in sorted(counts.by_status.items())}
+    counts.failed_checks = dict(sorted(counts.failed_checks.items(), key=lambda kv: (-kv[1], kv[0])))
+    sample = (
+        ray.data.read_parquet(list(files)).select_columns(["status", *columns]).filter(expr=col("status") != FAILED)
+    )
+    if counts.scored > max_rows:
+        sample = sample.random_sample(max_rows / counts.scored, seed=seed)
+    scores = sample.drop_columns(["status"]).to_pandas() if counts.scored else pd.DataFrame(columns=list(columns))
+    return counts, scores
 
 
 def build_report(

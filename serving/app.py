@@ -18,6 +18,7 @@ import hmac
 import logging
 import math
 import os
+import re
 import secrets
 import signal
 import sys
@@ -27,20 +28,24 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import get_args
+from urllib.parse import quote, urlsplit
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException
 
+from diffbir.captioning import Caption
 from diffbir.config import load_config
 from diffbir.image_io import ImageError, decode_image, encode_image
 from diffbir.pipeline import RestoreOptions, plan_sizes
+from diffbir.presets import PRESETS
 from pipelines.ray_env import ensure_ray
 from serving.config import ServeConfig, parse_config
 from serving.limits import (
@@ -49,6 +54,7 @@ from serving.limits import (
     ApiError,
     check_image_header,
     check_work,
+    invalid,
     negotiate,
     read_body,
     restore_options,
@@ -58,6 +64,7 @@ from serving.model import (
     BatchStats,
     DeadlineError,
     Job,
+    ProgressBoard,
     ServedModel,
     Watchdog,
     load_served_model,
@@ -77,8 +84,26 @@ api = FastAPI(
     docs_url=None,  # /docs only where api_docs enables it (Swagger UI loads its scripts from a CDN)
     redoc_url=None,
 )
+api.mount("/static", StaticFiles(directory=STATIC), name="static")  # the page's example images
 bearer = HTTPBearer(auto_error=False, description="the server's token (auth_token_file or $DIFFBIR_SERVE_TOKEN)")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+CAPTION_HEADER_CHARS = 1000  # X-Caption and X-Caption-Error carry at most this much of their text
+HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")  # a client's X-Request-Id: random, so no one else's to guess
+# the ServeConfig limits a client may want to know before it sends (GET /info)
+REQUEST_LIMITS = (
+    "max_body_bytes",
+    "max_input_pixels",
+    "max_output_pixels",
+    "max_work_pixels",
+    "max_upscale",
+    "max_steps",
+    "max_guidance_repeat",
+    "max_tile_size",
+    "max_tiles",
+    "max_prompt_chars",
+    "request_timeout_s",
+)
 
 
 def _option_parameters() -> list[dict]:
@@ -117,6 +142,8 @@ RESTORE_DOC = dict(
                     ("X-Model-URI", "the pinned models:/<name>/<version> (or directory)"),
                     ("X-Seed", "the sampling seed used"),
                     ("X-Batch-Size", "requests restored in the same batch"),
+                    ("X-Caption", "the captioner's caption that led the prompt (percent-encoded; servers with one)"),
+                    ("X-Caption-Error", "why the captioner gave none (the default prompt was used; percent-encoded)"),
                 ]
             },
         },
@@ -192,11 +219,24 @@ def _same_secret(given: str, token: str) -> bool:
     return hmac.compare_digest(digest(given), digest(token))
 
 
+def _request_id(value: str | None) -> str | None:
+    if value is not None and not REQUEST_ID.fullmatch(value):
+        raise invalid("X-Request-Id", "8 to 64 letters, digits, '-' or '_' (a random id the client made)")
+    return value
+
+
+def header_text(text: str, limit: int = CAPTION_HEADER_CHARS) -> str:
+    """`text` (its first `limit` characters) as a header value: printable ASCII but '%' kept,
+    everything else percent-encoded UTF-8 (urllib.parse.unquote reads it back)."""
+    return quote(text[:limit], safe=HEADER_SAFE)
+
+
 @dataclass(frozen=True)
 class Restored:
     image: np.ndarray | Exception
     model: ServedModel
     batch_size: int
+    caption: Caption = Caption()
 
 
 @serve.deployment
@@ -210,6 +250,7 @@ class RestorationService:
         self.watchdog = Watchdog(grace_s=self.cfg.request_timeout_s)
         self.model = load_served_model(self.cfg, registry.version_info(self.cfg.model_uri), self.watchdog)
         self.stats = BatchStats()
+        self.progress = ProgressBoard()
         self.held_pixels = 0  # decoded inputs and outputs of the requests in this replica
         self._reload_lock = asyncio.Lock()
         self._restore_batch.set_max_batch_size(self.cfg.max_batch_size)
@@ -240,6 +281,36 @@ class RestorationService:
     @api.get("/healthz", summary="Liveness and the version served (no token needed)")
     async def healthz(self) -> dict:
         return {"status": "ok", "model_version": self.model.version}
+
+    @api.get("/info", summary="What a client may ask for: the model, tasks, presets and limits (no token needed)")
+    async def info(self) -> dict:
+        """What the web page offers: the model it will use (name, registry version, the DiffBIR
+        release whose preset applies when none is chosen), the tasks and presets, this server's limits."""
+        model = self.model
+        return {
+            "model": {"name": model.info["name"], "version": model.version, "release": model.pipeline.bundle.version},
+            "tasks": list(get_args(RestoreOptions.model_fields["task"].annotation)),
+            "presets": list(PRESETS),
+            "formats": FORMAT_NAMES,
+            "limits": {name: getattr(self.cfg, name) for name in REQUEST_LIMITS},
+            "token_required": self.token is not None,
+        }
+
+    @api.get(
+        "/v1/progress/{request_id}",
+        summary="Where the restoration sent with this X-Request-Id stands",
+        responses={404: _error("no such request on this replica (not yet arrived, long done, or another replica's)")},
+    )
+    async def progress_info(
+        self, request_id: str, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
+    ) -> dict:
+        """{stage, steps_done, steps_total}; stage: queued, restoring (steps counting), encoding, done
+        or failed. Kept by the replica restoring it (see serving.model.ProgressBoard)."""
+        self._authorize(credentials)
+        entry = self.progress.get(_request_id(request_id))
+        if entry is None:
+            raise ApiError(404, "unknown_request", f"no request {request_id} on this replica")
+        return entry
 
     @api.get("/v1/model", summary="The model this replica serves: version, URIs, lineage tags, part configs")
     async def model_info(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
@@ -279,16 +350,22 @@ class RestorationService:
     ) -> Response:
         self._authorize(credentials)
         deadline = time.monotonic() + self.cfg.request_timeout_s
+        request_id = _request_id(request.headers.get("x-request-id"))
+        outcome = "failed"
         try:
             async with asyncio.timeout(self.cfg.request_timeout_s):
-                return await self._restore(request, deadline)
+                response = await self._restore(request, deadline, request_id)
+            outcome = "done" if response.status_code == 200 else "failed"
+            return response
         except TimeoutError as e:
             raise self._timed_out() from e
+        finally:
+            self.progress.set(request_id, outcome)
 
     def _timed_out(self) -> ApiError:
         return ApiError(504, "timeout", f"not restored within request_timeout_s ({self.cfg.request_timeout_s:g} s)")
 
-    async def _restore(self, request: Request, deadline: float) -> Response:
+    async def _restore(self, request: Request, deadline: float, request_id: str | None) -> Response:
         media_type = negotiate(request.headers.get("accept"))
         body = await read_body(request.headers, request.stream(), self.cfg.max_body_bytes)
         data, form = await split_upload(request.headers, body)
@@ -300,15 +377,17 @@ class RestorationService:
         check_work(width, height, opts, self.cfg)
         (out_h, out_w), _ = plan_sizes(height, width, opts.scale, opts.min_side)
         with self._holding(width * height + out_h * out_w):
+            self.progress.set(request_id, "queued", 0, opts.steps)
             try:
                 image, info = await asyncio.to_thread(decode_image, data, "upload", self.cfg.max_input_pixels)
             except ImageError as e:
                 raise ApiError(422, "corrupt_image", str(e)) from e
-            result = await self._restore_batch(Job(image, opts, deadline))
+            result = await self._restore_batch(Job(image, opts, deadline, request_id))
             if isinstance(result.image, DeadlineError):
                 raise self._timed_out()
             if isinstance(result.image, Exception):
                 return internal_error(result.image)
+            self.progress.set(request_id, "encoding")
             encoded = await asyncio.to_thread(encode_image, result.image, info, OUTPUT_TYPES[media_type])
         model = result.model
         headers = {
@@ -320,6 +399,10 @@ class RestorationService:
             "Content-Disposition": f'inline; filename="restored{OUTPUT_TYPES[media_type]}"',
             "Vary": "Accept",
         }
+        if result.caption.text:
+            headers["X-Caption"] = header_text(result.caption.text)
+        if result.caption.error:
+            headers["X-Caption-Error"] = header_text(result.caption.error)
         return Response(encoded, media_type=media_type, headers=headers)
 
     @contextmanager
@@ -342,13 +425,15 @@ class RestorationService:
         start = time.perf_counter()
         self.stats.restoring = len(jobs)
         self.watchdog.deadline = max(j.deadline for j in jobs)  # stop only when no request waits any more
-        try:
-            results = await asyncio.to_thread(restore_isolated, model.pipeline, images, options)
+        report = self.progress.reporter([j.request_id for j in jobs])
+        try:  # the batch Serve formed is captioned in one call, then restored
+            captions = await asyncio.to_thread(model.pipeline.caption, images, options)
+            results = await asyncio.to_thread(restore_isolated, model.pipeline, images, options, report, captions)
         finally:
             self.watchdog.deadline = math.inf
             self.stats.restoring = 0
         self.stats.record(len(jobs), len(model.pipeline.canvas_groups(images, options)), time.perf_counter() - start)
-        return [Restored(result, model, len(jobs)) for result in results]
+        return [Restored(result, model, len(jobs), caption) for result, caption in zip(results, captions)]
 
     async def _refresh(self) -> bool:
         """Load what cfg.model_uri names now when it is another version; True when it was."""
@@ -356,7 +441,8 @@ class RestorationService:
             info = await asyncio.to_thread(registry.version_info, self.cfg.model_uri)
             if info["uri"] == self.model.info["uri"]:
                 return False
-            model = await asyncio.to_thread(load_served_model, self.cfg, info, self.watchdog)
+            captioner = self.model.pipeline.captioner  # one per replica, whatever the version
+            model = await asyncio.to_thread(load_served_model, self.cfg, info, self.watchdog, captioner)
             logger.info("now serving v%s (was v%s)", model.version, self.model.version)
             self.model = model
             return True

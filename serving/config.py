@@ -15,8 +15,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from diffbir.config import Dtype
+from diffbir.captioning import CaptionerSettings
+from diffbir.config import MATMUL_PRECISION_HELP, Dtype, MatmulPrecision
 from diffbir.config import parse_config as _parse_config
+from diffbir.faces import FaceConfig
 from diffbir.pipeline import RestoreOptions
 
 TOKEN_ENV = "DIFFBIR_SERVE_TOKEN"  # the bearer token when the config names none
@@ -34,7 +36,7 @@ class Autoscaling(BaseModel):
     downscale_delay_s: float = Field(300, ge=0)
 
 
-class ServeConfig(BaseModel):
+class ServeConfig(CaptionerSettings):  # the captioner fields: a replica captions its batches with it
     model_config = ConfigDict(extra="forbid")
 
     # the model
@@ -53,8 +55,10 @@ class ServeConfig(BaseModel):
     )
     device: str = Field("auto", description="torch device; auto: cuda when the replica has a GPU, else cpu")
     dtype: Dtype = "fp32"
+    matmul_precision: MatmulPrecision = Field("highest", description=MATMUL_PRECISION_HELP)
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per replica (default: torch's choice)")
     defaults: dict[str, Any] = Field(default_factory=dict, description="RestoreOptions a request does not set (JSON)")
+    faces: FaceConfig = Field(default_factory=FaceConfig, description="unaligned_face: detector, parser, face model")
 
     # HTTP (for `python -m serving.app`; Serve's own config files say these in http_options) and Ray Serve
     host: str = Field("127.0.0.1", description="HTTP address of the Serve proxy")
@@ -110,6 +114,7 @@ class ServeConfig(BaseModel):
         400, ge=1, description="most tiles over the working canvas (tile_size, tile_stride: each tile is a model call)"
     )
     max_prompt_chars: int = Field(1000, ge=0, description="longest prompt and negative_prompt")
+    max_faces: int = Field(16, ge=0, description="most faces one unaligned_face request restores (max_faces)")
 
     # access
     auth_token_file: str | None = Field(
@@ -130,6 +135,8 @@ class ServeConfig(BaseModel):
             raise ValueError("max_ongoing_requests must be at least max_batch_size, or batches never fill")
         if self.max_held_pixels < self.max_input_pixels + self.max_output_pixels:
             raise ValueError("max_held_pixels must hold at least one request: max_input_pixels + max_output_pixels")
+        if RestoreOptions(**self.defaults).max_faces > self.max_faces:
+            raise ValueError("max_faces is below the requests' default: set defaults.max_faces to at most it")
         if self.autoscaling and self.autoscaling.max_replicas < self.autoscaling.min_replicas:
             raise ValueError("autoscaling.max_replicas must be at least min_replicas")
         return self
@@ -164,6 +171,8 @@ class ServeConfig(BaseModel):
                 model_uri=absolute(self.model_uri) if local_model else self.model_uri,
                 tracking_dir=absolute(self.tracking_dir),
                 cache_dir=absolute(self.cache_dir),
+                captioner=absolute(self.captioner),
+                faces=self.faces.absolute(),
             )
         )
 

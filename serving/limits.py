@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from diffbir.faces import check_landmarks
 from diffbir.pipeline import RestoreOptions, canvas_size, plan_sizes
 from diffbir.sampling.tiling import tile_starts
 from serving.config import ServeConfig
@@ -112,6 +113,13 @@ def check_work(width: int, height: int, opts: RestoreOptions, cfg: ServeConfig) 
     for name in ("prompt", "negative_prompt"):
         if len(getattr(opts, name)) > cfg.max_prompt_chars:
             raise invalid(name, f"at most {cfg.max_prompt_chars:,} characters on this server")
+    if opts.max_faces > cfg.max_faces:
+        raise invalid("max_faces", f"at most {cfg.max_faces} on this server")
+    if opts.landmarks is not None:
+        try:
+            check_landmarks(opts.landmarks, height, width)
+        except ValueError as e:
+            raise invalid("landmarks", str(e).removeprefix("landmarks: ")) from e
     if opts.scale > cfg.max_upscale:
         raise invalid("upscale", f"at most {cfg.max_upscale:g} on this server")
     if opts.tile_size > cfg.max_tile_size:

@@ -1,18 +1,20 @@
-"""The model a replica serves, what one request of a batch brings it, and the watchdog that
-stops its restorations at their deadline."""
+"""The model a replica serves, what one request of a batch brings it, the watchdog that
+stops its restorations at their deadline, and the board its requests' progress is read from."""
 
 from __future__ import annotations
 
 import math
+import threading
 import time
-from collections import Counter
-from collections.abc import Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from diffbir.captioning import Caption, Captioner
 from diffbir.pipeline import RestorationPipeline, RestoreOptions
 from serving.config import ServeConfig
 from training import registry
@@ -32,7 +34,7 @@ class Watchdog:
         self.deadline = math.inf  # time.monotonic(); inf while no call runs
 
     def watch(self, pipeline: RestorationPipeline) -> None:
-        for part in (pipeline.cldm, pipeline.stage1):
+        for part in {pipeline.cldm, pipeline.stage1, pipeline.face_pipeline.stage1}:  # the face model's own stage 1
             for block in _blocks(part):
                 block.register_forward_pre_hook(self._check)
 
@@ -76,30 +78,81 @@ def public_uri(uri: str) -> str:
     return uri if uri.startswith("models:/") else f"local:{Path(uri).name}"
 
 
-def load_served_model(cfg: ServeConfig, info: dict, watchdog: Watchdog) -> ServedModel:
-    """The version `info` pins (registry.version_info of cfg.model_uri), ready to restore under `watchdog`."""
+def load_served_model(
+    cfg: ServeConfig, info: dict, watchdog: Watchdog, captioner: Captioner | None = None
+) -> ServedModel:
+    """The version `info` pins (registry.version_info of cfg.model_uri), ready to restore under `watchdog`,
+    with `captioner` (a reload keeps the one loaded: it does not change with the version) or cfg's."""
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model_dir = registry.resolve(info["uri"], cfg.cache_dir)
-    pipeline = RestorationPipeline.from_pretrained(model_dir, device, cfg.dtype)
+    pipeline = RestorationPipeline.from_pretrained(model_dir, device, cfg.dtype, cfg.matmul_precision)
     pipeline.context_cache_size = cfg.text_context_cache_size
+    pipeline.captioner = captioner if captioner is not None else cfg.load_captioner(pipeline.device, pipeline.dtype)
+    pipeline.configure_faces(cfg.faces)
     watchdog.watch(pipeline)
     return ServedModel(pipeline, info, time.time())
 
 
 def restore_isolated(
-    pipeline: RestorationPipeline, images: Sequence[np.ndarray], options: Sequence[RestoreOptions]
+    pipeline: RestorationPipeline,
+    images: Sequence[np.ndarray],
+    options: Sequence[RestoreOptions],
+    progress: Callable[[list[int], int, int], None] | None = None,
+    captions: Sequence[Caption] | None = None,
 ) -> list[np.ndarray | Exception]:
     """RestorationPipeline.restore_grouped, and every image of a group that failed restored again
-    alone: one bad request never fails its batch mates (a deadline fails them all: no retry)."""
-    results = pipeline.restore_grouped(images, options)
+    alone (with the caption it had): one bad request never fails its batch mates (a deadline fails
+    them all: no retry)."""
+    captions = captions if captions is not None else pipeline.caption(images, options)
+    results = pipeline.restore_grouped(images, options, progress, captions)
     for members in pipeline.canvas_groups(images, options):
         failure = results[members[0]]
         if len(members) > 1 and isinstance(failure, Exception) and not isinstance(failure, DeadlineError):
             for i in members:
-                results[i] = pipeline.restore_grouped([images[i]], [options[i]])[0]
+                alone = (lambda _, done, total, i=i: progress([i], done, total)) if progress else None
+                results[i] = pipeline.restore_grouped([images[i]], [options[i]], alone, [captions[i]])[0]
     return results
+
+
+class ProgressBoard:
+    """Where each request that brought an id (X-Request-Id) stands: {"stage", "steps_done",
+    "steps_total"}, stage one of queued, restoring, encoding, done, failed. It holds the last
+    `size` ids (the oldest dropped first) and is the replica's own: with several replicas a
+    client may ask one that never saw its request (it answers 404, as for an id dropped)."""
+
+    def __init__(self, size: int = 1024):
+        self.size = size
+        self._entries: OrderedDict[str, dict] = OrderedDict()
+        self._lock = threading.Lock()  # the sampling thread writes while the event loop reads
+
+    def set(
+        self, request_id: str | None, stage: str, steps_done: int | None = None, steps_total: int | None = None
+    ) -> None:
+        """Move `request_id` (None: a request without one) to `stage`; steps not given stay as they were."""
+        if request_id is None:
+            return
+        with self._lock:
+            entry = self._entries.pop(request_id, {"steps_done": 0, "steps_total": 0})
+            steps = {k: v for k, v in (("steps_done", steps_done), ("steps_total", steps_total)) if v is not None}
+            self._entries[request_id] = {**entry, "stage": stage, **steps}
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+    def get(self, request_id: str) -> dict | None:
+        with self._lock:
+            entry = self._entries.get(request_id)
+            return dict(entry) if entry else None
+
+    def reporter(self, request_ids: Sequence[str | None]) -> Callable[[list[int], int, int], None]:
+        """restore_isolated's progress for a batch whose image i is request_ids[i]'s."""
+
+        def report(members: list[int], done: int, total: int) -> None:
+            for i in members:
+                self.set(request_ids[i], "restoring", done, total)
+
+        return report
 
 
 @dataclass(frozen=True)
@@ -107,6 +160,7 @@ class Job:
     image: np.ndarray  # RGB float32 (H, W, 3) in [0, 1]
     options: RestoreOptions  # its seed is the image's own (RestorationPipeline.restore_grouped)
     deadline: float  # time.monotonic() after which its request is answered 504
+    request_id: str | None = None  # the client's X-Request-Id: its progress is kept under it
 
 
 @dataclass

@@ -528,7 +528,7 @@ def test_the_working_canvas_is_limited_after_upscale(model_dir):
         tracking_uri="",
         cache_dir=None,
         options=dict(task="denoise", upscale=2, min_side=64, steps=2),
-        cfg=limits | dict(gpus_per_actor=0, cpus_per_actor=1),
+        cfg=ArchiveConfig(input="in.tar", output="out.tar", **limits).model_dump(),
         contact=[],
     )
     batch = [(0, "small.png", small), (1, "big.png", big)]  # 30,000 input pixels: under max_pixels

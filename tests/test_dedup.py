@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tarfile
+from collections import Counter
 from itertools import combinations
 
 import cv2
@@ -44,25 +45,32 @@ def test_phash_far_apart_for_different_photos():
 
 
 def brute_force(hashes: np.ndarray, max_distance: int) -> set[tuple[int, int]]:
-    dist = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
+    """Pairs of distinct hash values within `max_distance`, by comparing every pair."""
+    values = np.unique(hashes)
+    dist = np.bitwise_count(values[:, None] ^ values[None, :])
     i, j = np.nonzero(np.triu(dist <= max_distance, k=1))
-    return set(zip(i.tolist(), j.tolist()))
+    return set(zip(values[i].tolist(), values[j].tolist()))
+
+
+def planted_hashes(rng: np.random.Generator, n: int, near: int, max_distance: int, repeats: int) -> np.ndarray:
+    """`n` random hashes, `near` neighbours of the first ones at 0..max_distance+3 flipped bits (so
+    pairs sit on both sides of the limit), and exact repeats of the first `repeats`."""
+    base = rng.integers(0, 2**63, size=n, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, n, dtype=np.uint64)
+    planted = []
+    for h in base[:near]:
+        flips = rng.choice(64, size=rng.integers(0, max_distance + 4), replace=False)
+        planted.append(h ^ np.uint64(sum(1 << int(b) for b in flips)))
+    return np.concatenate([base, np.array(planted, dtype=np.uint64), base[:repeats]])
 
 
 @pytest.mark.parametrize("max_distance,bands", [(6, 8), (6, 10), (0, 8), (7, 8), (3, 4), (14, 16)])
 def test_banded_search_finds_every_pair_brute_force_finds(max_distance, bands):
-    rng = np.random.default_rng(max_distance)
-    base = rng.integers(0, 2**63, size=2500, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, 2500, dtype=np.uint64)
-    # plant neighbours at 0..max_distance+3 flipped bits, so pairs sit on both sides of the limit
-    near = []
-    for h in base[:600]:
-        flips = rng.choice(64, size=rng.integers(0, max_distance + 4), replace=False)
-        near.append(h ^ np.uint64(sum(1 << int(b) for b in flips)))
-    hashes = np.concatenate([base, np.array(near, dtype=np.uint64), base[:50]])  # + exact repeats
+    hashes = planted_hashes(np.random.default_rng(max_distance), 2500, 600, max_distance, 50)
     expected = brute_force(hashes, max_distance)
-    found = dd.near_pairs(hashes, max_distance, bands)
+    found = dd.near_value_pairs(hashes, max_distance, bands)
     assert set(map(tuple, found.tolist())) == expected and len(found) == len(expected)
-    assert len(expected) > 150  # non-trivial: exact repeats, planted pairs, their overlaps
+    # non-trivial: planted pairs and their overlaps (at distance 0 no two distinct values are close)
+    assert len(expected) > 100 or max_distance == 0
 
 
 def test_dedup_config_validation():
@@ -171,3 +179,88 @@ def test_dedup_of_no_rows_removes_nothing(ray_local):
     none_kept = rows.filter(expr=col("passed")).materialize()
     unique, removed = dd.dedup(none_kept)
     assert (unique.count(), removed) == (0, {})
+
+
+# ------------------------------------------------------------------ distributed = in one process = brute force
+
+
+def synthetic_rows(seed: int = 0, n: int = 300) -> pd.DataFrame:
+    """`n` rows with DEDUP_COLUMNS: random hashes with planted near copies (0–9 bits apart: both
+    sides of the limit, and chains), repeated pHashes, byte-identical files (shared SHA-256) and
+    ties in size, compression and sharpness, so every keeper rule decides somewhere."""
+    rng = np.random.default_rng(seed)
+    hashes = planted_hashes(rng, n - 120, 90, 6, 30)
+    sha = [f"{i:064x}" for i in range(len(hashes))]
+    for i in rng.choice(len(hashes), 20, replace=False):  # same file as another row: same hash too
+        j = int(rng.integers(len(hashes)))
+        sha[i], hashes[i] = sha[j], hashes[j]
+    keys = [f"k{i:04d}" for i in rng.permutation(len(hashes))]  # key order is not row order
+    return pd.DataFrame(
+        {
+            "key": keys,
+            "sha256": sha,
+            "phash": [f"{h:016x}" for h in hashes],
+            "width": rng.choice([512, 640, 800], len(hashes)),
+            "height": 600,
+            "jpeg_quality": pd.array(rng.choice([0, 80, 95], len(hashes)), dtype="Int64").map(lambda q: q or None),
+            "sharpness": rng.choice([10.0, 50.0], len(hashes)),
+        }
+    )
+
+
+def brute_force_plan(table: pd.DataFrame, max_distance: int) -> dict[str, tuple[str, str] | None]:
+    """key → (kept key, reason) or None for kept rows, by comparing every pair of rows and a
+    union-find: the old in-driver plan, written out."""
+    h = np.array([int(x, 16) for x in table["phash"]], dtype=np.uint64)
+    close = (np.bitwise_count(h[:, None] ^ h[None, :]) <= max_distance) | (
+        table["sha256"].to_numpy()[:, None] == table["sha256"].to_numpy()[None, :]
+    )
+    parent = list(range(len(table)))
+
+    def root(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i, j in zip(*np.nonzero(close)):
+        parent[root(i)] = root(j)
+    rows = table.to_dict("records")
+    best = {}
+    for i, r in enumerate(rows):
+        rank = (-r["width"] * r["height"], -(101 if pd.isna(r["jpeg_quality"]) else r["jpeg_quality"]), -r["sharpness"])
+        best[root(i)] = min(best.get(root(i), (rank + (r["key"],), r)), (rank + (r["key"],), r))
+    out = {}
+    for i, r in enumerate(rows):
+        kept = best[root(i)][1]
+        same = kept["sha256"] == r["sha256"]
+        out[r["key"]] = None if kept is r else (kept["key"], "exact_duplicate" if same else "near_duplicate")
+    return out
+
+
+def test_plan_matches_brute_force():
+    table = synthetic_rows()
+    expected = brute_force_plan(table, 6)
+    plan = dd.plan_dedup(table)
+    got = {r.key: None if pd.isna(r.dup_of) else (r.dup_of, r.dup_reason) for r in plan.itertuples()}
+    assert got == expected
+    reasons = Counter(v[1] for v in expected.values() if v)
+    assert reasons["near_duplicate"] > 30 and reasons["exact_duplicate"] > 10  # the planted ones
+
+
+def test_distributed_dedup_matches_brute_force_for_any_blocks_and_partitions(ray_local, monkeypatch):
+    import ray.data
+
+    table = synthetic_rows(seed=1).assign(payload=lambda t: "p-" + t["key"])
+    expected = brute_force_plan(table, 6)
+    want_kept = sorted(k for k, v in expected.items() if v is None)
+    want_counts = dict(Counter(v[1] for v in expected.values() if v))
+    results = []
+    for blocks, order_seed, partition_bytes in ((1, 0, dd.PARTITION_BYTES), (7, 1, 55_000), (3, 2, 27_000)):
+        monkeypatch.setattr(dd, "PARTITION_BYTES", partition_bytes)  # 1, ~4, ~8 shuffle partitions
+        shuffled = table.sample(frac=1, random_state=order_seed)
+        records = ray.data.from_pandas(shuffled).repartition(blocks).materialize()
+        kept, counts = dd.dedup(records)
+        rows = kept.take_all()
+        assert all(r["payload"] == "p-" + r["key"] for r in rows)  # whole records pass through
+        results.append((sorted(r["key"] for r in rows), counts))
+    assert results == [(want_kept, want_counts)] * 3

@@ -23,6 +23,7 @@ from pipelines.degradations import (
     apply_params,
     blur,
     degrade,
+    degrade_pair,
     encode_jpeg,
     filter2d,
     from_float,
@@ -281,7 +282,8 @@ def test_realesrgan_params_in_range():
     n = 200
     for seed in range(n):
         ops = sample_params(cfg, (h, w), seed)["ops"]
-        blur1, resize1, noise1, jpeg1, *rest = ops
+        sharpen, blur1, resize1, noise1, jpeg1, *rest = ops
+        assert sharpen == {"op": "usm_sharp", "weight": 0.5, "radius": 50, "threshold": 10.0}  # v2.1's use_sharpener
         _check_kernel(blur1["kernel"], cfg.stage1.blur, seen["kernels"])
         lo, hi = cfg.stage1.resize_range
         assert int(h * lo) <= resize1["size"][0] <= int(h * hi)
@@ -332,8 +334,19 @@ def test_real_photos_keep_shape_dtype_range(name, photo_name):
 def test_realesrgan_options(photo):
     lq, params = degrade(photo, 0, RealESRGANConfig(resize_back=False))
     assert lq.shape == (128, 128, 3)
-    lq, params = degrade(photo, 0, RealESRGANConfig(usm_sharpen=True))
-    assert params["ops"][0] == {"op": "usm_sharp", "weight": 0.5, "radius": 50, "threshold": 10.0}
+    lq, params = degrade(photo, 0, RealESRGANConfig(usm_sharpen=False))
+    assert "usm_sharp" not in {op["op"] for op in params["ops"]}
+
+
+@pytest.mark.parametrize("sharpen", [True, False])
+def test_degrade_pair_targets_the_sharpened_hq(photo, sharpen):
+    """The training target is the image the LQ was degraded from: the USM-sharpened HQ when the
+    config sharpens (Real-ESRGAN, DiffBIR v2.1), else the HQ itself."""
+    cfg = RealESRGANConfig(usm_sharpen=sharpen)
+    target, lq, params = degrade_pair(photo, 5, cfg)
+    assert np.array_equal(lq, degrade(photo, 5, cfg)[0]) and params == degrade(photo, 5, cfg)[1]
+    assert np.array_equal(target, usm_sharp(photo) if sharpen else photo)
+    assert (laplacian_var(target) > laplacian_var(photo)) == sharpen
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -1,6 +1,7 @@
-"""Download through real img2dataset from the loopback sample server, as Ray tasks on a real
-local Ray: the shards, their failures by reason, the size cap, the per-URL bounds (deadline,
-body size, declared image area), failed shards, and resuming after a kill."""
+"""The streaming pass (download through real img2dataset from the loopback sample server, scored
+in the same Ray tasks on a real local Ray): the candidate shards hold only what passes, every
+row's fate and reason, the size cap, the per-URL bounds (deadline, body size, declared image
+area), failed shards, and resuming after a kill."""
 
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ import webdataset as wds
 from PIL import Image
 from skimage import data
 
-from pipelines.download import DownloadConfig, _download_shard, download, failure_reason, plan_shards
+from pipelines.download import DownloadConfig, _download_shard, download, plan_shards
 from pipelines.prefilter import parquet_files
+from pipelines.quality import QualityConfig
 from pipelines.ray_env import ensure_ray
 from pipelines.sample import SampleServer, embedded_sample
 
@@ -33,6 +35,8 @@ from conftest import kill_when_a_shard_is_done
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {"shard_size": 5, "timeout": 2.0, "thread_count": 8}  # 17 rows: shards of 5, 5, 5 and 2
 SHARDS = ["00000", "00001", "00002", "00003"]
+# every check off: each decodable download is a candidate (for tests of the download itself)
+LENIENT = QualityConfig(**{name: None for name in QualityConfig.model_fields})
 
 
 @pytest.fixture(scope="module")
@@ -67,32 +71,36 @@ def downloaded(prefiltered, tmp_path_factory):
 
 def _samples(folder: Path) -> dict[str, dict]:
     return {
-        s["__key__"]: s for tar in sorted(folder.glob("*.tar")) for s in wds.WebDataset(str(tar), shardshuffle=False)
+        s["__key__"]: s
+        for tar in sorted(folder.glob("*.tar"))
+        for s in wds.WebDataset(str(tar), shardshuffle=False, empty_check=False)
     }
 
 
+def _fates(folder: Path) -> list[dict]:
+    return pq.read_table(sorted(folder.glob("*.parquet"))).to_pylist()
+
+
 def _contents(folder: Path) -> dict:
-    """What a later stage reads, without timings: tar members and the per-row outcome."""
+    """What a later stage reads, without timings: tar members (by name: the order and so the
+    offsets follow download completion) and each row's fate and scores."""
     tars = {}
     for tar in sorted(folder.glob("*.tar")):
         with tarfile.open(tar) as t:
             tars[tar.name] = {m.name: t.extractfile(m).read() for m in t.getmembers()}
-    rows = pq.read_table(
-        sorted(folder.glob("*.parquet")), columns=["key", "hash", "status", "error_message"]
-    ).to_pylist()
-    outcomes = sorted((r["key"], r["hash"], r["status"], failure_reason(r["error_message"] or "")) for r in rows)
-    return {"files": sorted(p.name for p in folder.iterdir()), "tars": tars, "rows": outcomes}
+    fates = [{k: v for k, v in r.items() if k not in ("offset", "source")} for r in _fates(folder)]
+    return {"files": sorted(p.name for p in folder.iterdir()), "tars": tars, "fates": fates}
 
 
-def test_shards_hold_exactly_the_expected_images(sample, fates, downloaded):
+def test_shards_hold_exactly_the_candidates_and_every_rows_fate(sample, fates, downloaded):
     out = Path(downloaded.output_dir)
     files = sorted(["_plan.json"] + [f"{s}{suffix}" for s in SHARDS for suffix in (".tar", ".parquet", "_stats.json")])
     assert sorted(p.name for p in out.iterdir()) == files
 
     samples = _samples(out)
     meta = {json.loads(s["json"])["hash"]: s | {"meta": json.loads(s["json"])} for s in samples.values()}
-    survive = {h for h, r in fates.items() if r["fate"] == "kept" or r["fate"].startswith(("quality:", "dedup:"))}
-    assert set(meta) == survive
+    survive = {h for h, r in fates.items() if r["fate"] == "kept" or r["fate"].startswith("dedup:")}
+    assert set(meta) == survive  # the quality-rejected were downloaded and scored, never stored
     for h, s in meta.items():
         row = fates[h]
         assert s["jpg"] == (sample.root / row["file"]).read_bytes(), row["variant"]  # the original bytes
@@ -103,21 +111,35 @@ def test_shards_hold_exactly_the_expected_images(sample, fates, downloaded):
         assert size == row["size"] * 2
         assert {"WIDTH", "HEIGHT", "similarity", "punsafe", "pwatermark", "AESTHETIC_SCORE"} <= set(s["meta"])
 
-    rows = pq.read_table(sorted(out.glob("*.parquet"))).to_pylist()
-    failed = {r["hash"]: failure_reason(r["error_message"]) for r in rows if r["status"] != "success"}
-    assert failed == {h: r["fate"].split(":")[1] for h, r in fates.items() if r["fate"].startswith("download:")}
+    rows = _fates(out)
+    by_url = {r["url"]: r for r in fates.values()}
+    failed = {r["url"]: r["reason"] for r in rows if r["status"] == "failed"}
+    assert failed == {u: r["fate"].split(":")[1] for u, r in by_url.items() if r["fate"].startswith("download:")}
+    rejected = {r["url"] for r in rows if r["status"] == "rejected"}
+    assert rejected == {u for u, r in by_url.items() if r["fate"].startswith("quality:")}
+    for r in rows:  # a candidate record for each kept row, pointing at its bytes in the tar
+        assert (r["status"] == "kept") == (r["source"] is not None) == r["passed"]
+        if r["passed"]:
+            assert r["source"] == f"{out}/{r['key'][:5]}.tar" and samples[r["key"]]["jpg"] == _read(r)
+            assert json.loads(r["meta"]) == meta[json.loads(r["meta"])["hash"]]["meta"]
 
-    assert (downloaded.count, downloaded.successes) == (len(rows), len(survive))
-    assert downloaded.failures == dict(sorted(Counter(failed.values()).items()))
+    assert (downloaded.count, downloaded.successes) == (len(rows), len(survive) + len(rejected))
     assert [s.shard for s in downloaded.shards] == [0, 1, 2, 3] and not any(s.resumed for s in downloaded.shards)
     assert downloaded.images_per_s_per_core > 0
+
+
+def _read(rec: dict) -> bytes:
+    with open(rec["source"], "rb") as f:
+        f.seek(rec["offset"])
+        return f.read(rec["size"])
 
 
 def test_images_above_the_cap_are_downscaled(fates, prefiltered, tmp_path):
     (astronaut,) = [r for r in pq.read_table(prefiltered).to_pylist() if fates[r["hash"]]["variant"] == "astronaut"]
     pq.write_table(pa.Table.from_pylist([astronaut]), tmp_path / "astronaut.parquet")
     ensure_ray()
-    result = download(tmp_path / "astronaut.parquet", tmp_path / "out", DownloadConfig(**CONFIG, max_short_side=400))
+    config = DownloadConfig(**CONFIG, max_short_side=400)
+    result = download(tmp_path / "astronaut.parquet", tmp_path / "out", config, LENIENT)
     assert result.successes == 1
     (s,) = _samples(tmp_path / "out").values()
     meta = json.loads(s["json"])
@@ -147,11 +169,13 @@ def test_killed_download_resumes_to_the_same_shards(prefiltered, downloaded, tmp
 
     resumed = download(prefiltered, out, DownloadConfig(**CONFIG))
     assert [s.resumed for s in resumed.shards] == [f"{s.shard:05d}" in finished for s in resumed.shards]
-    totals = lambda r: (r.count, r.successes, r.failures)  # noqa: E731
+    totals = lambda r: (r.count, r.successes)  # noqa: E731
     assert totals(resumed) == totals(downloaded)
     assert _contents(out) == _contents(Path(downloaded.output_dir))
-    with pytest.raises(ValueError, match="another input or shard size"):
+    with pytest.raises(ValueError, match="another input, shard size or quality config"):
         download(prefiltered, out, DownloadConfig(**{**CONFIG, "shard_size": 4}))
+    with pytest.raises(ValueError, match="another input, shard size or quality config"):
+        download(prefiltered, out, DownloadConfig(**CONFIG), QualityConfig(min_sharpness=1))
 
 
 def test_a_download_task_finishes_no_shard_by_itself(prefiltered, downloaded, tmp_path):
@@ -162,7 +186,7 @@ def test_a_download_task_finishes_no_shard_by_itself(prefiltered, downloaded, tm
     pieces = plan_shards(fs, paths, CONFIG["shard_size"])[0]
     out = tmp_path / "orphan"
     out.mkdir()
-    tmp = ray.get(_download_shard.remote(0, pieces, fs, str(out), DownloadConfig(**CONFIG)))
+    tmp = ray.get(_download_shard.remote(0, pieces, fs, str(out), DownloadConfig(**CONFIG), QualityConfig()))
     assert [p.name for p in out.iterdir()] == ["_tmp"] and Path(tmp).parent == out / "_tmp"
     assert {"00000.parquet", "00000.tar", "00000_stats.json"} <= {p.name for p in Path(tmp).iterdir()}
 
@@ -224,18 +248,19 @@ def test_every_url_is_bounded_and_none_fails_its_shard(tmp_path):
     ensure_ray()
     with SampleServer(www, slow_seconds=60) as server:
         pq.write_table(_url_table([f"{server.base_url}/{r}" for r in routes]), tmp_path / "urls.parquet")
-        result = download(tmp_path / "urls.parquet", tmp_path / "out", config)
+        result = download(tmp_path / "urls.parquet", tmp_path / "out", config, LENIENT)
 
     assert not result.failed and [s.shard for s in result.shards] == [0]
     assert result.shards[0].duration < 10  # the 20 s drip did not hold the shard
     rows = pq.read_table(tmp_path / "out" / "00000.parquet").to_pylist()
-    outcome = {
-        r["url"].split("/", 3)[3]: "success" if r["status"] == "success" else failure_reason(r["error_message"])
-        for r in rows
-    }
+    outcome = {r["url"].split("/", 3)[3]: "success" if r["status"] == "kept" else r["reason"] for r in rows}
     assert outcome == routes
     assert [s["jpg"] for s in _samples(tmp_path / "out").values()] == [small, small]  # bytes intact
-    assert result.failures == {"body_too_large": 2, "deadline": 1, "too_large": 1}
+    assert Counter(r["reason"] for r in rows if r["status"] == "failed") == {
+        "body_too_large": 2,
+        "deadline": 1,
+        "too_large": 1,
+    }
 
 
 def _corrupt_pages(path: Path) -> None:

@@ -1,5 +1,7 @@
 """The whole data pipeline on the embedded sample: exactly the expected images survive, every
-rejection is counted under the stage and reason the sample's manifest expects."""
+rejection is counted under the stage and reason the sample's manifest expects, the streaming pass
+stores only the candidates (with every row's fate), and a run killed mid-pass reruns to the same
+shards."""
 
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ import ray
 import webdataset as wds
 import yaml
 
-from pipelines.filter_laion import FilterLaionConfig, main, run
+from pipelines.filter_laion import FilterLaionConfig, _learned_iqa, candidates, main, run
+from pipelines.quality import LearnedIQAConfig, register_learned_iqa
 from pipelines.ray_env import free_port
 from pipelines.sample import SCHEMA, load_manifest
 
@@ -105,6 +108,67 @@ def test_every_rejection_has_the_expected_stage_and_reason(result):
     assert (out / "score_histograms.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_streaming_pass_stores_only_candidates_and_every_rows_fate(result):
+    out, report = result
+    manifest = load_manifest(out / "_work" / "sample" / "manifest.json")
+    by_url = {r["url"]: r for r in manifest.rows}
+    candidates = out / "_work" / "candidates"
+    fates = pq.read_table(sorted(candidates.glob("*.parquet"))).to_pylist()
+    stages = {s["name"]: s for s in report["stages"]}
+    assert len(fates) == stages["download"]["n_in"]  # one fate per row that reached the pass
+    for row in fates:
+        want = by_url[row["url"]]["fate"]
+        status = {"download": "failed", "quality": "rejected"}.get(want.split(":")[0], "kept")
+        assert row["status"] == status, (want, row)
+        assert (row["reason"] is None) == (status == "kept")
+        assert (row["sharpness"] is None) == (status == "failed")  # scores wherever measured
+    stored = {
+        s["__key__"]: s for s in wds.WebDataset([str(t) for t in sorted(candidates.glob("*.tar"))], shardshuffle=False)
+    }
+    kept = [r for r in fates if r["status"] == "kept"]
+    assert sorted(stored) == sorted(r["key"] for r in kept)  # the rejected are not stored
+    for r in kept:  # each candidate record points at its bytes
+        with open(r["source"], "rb") as f:
+            f.seek(r["offset"])
+            image = f.read(r["size"])
+        assert image == stored[r["key"]][r["ext"]] and hashlib.sha256(image).hexdigest() == r["sha256"]
+
+
+@register_learned_iqa("mean-brightness-test")
+class MeanBrightness:
+    """A learned scorer's stand-in: mean brightness in [0, 1]."""
+
+    def load(self, weights_path: str) -> None:
+        pass
+
+    def score(self, batch):
+        return [im.mean() / 255 for im in batch]
+
+
+def test_learned_iqa_runs_once_per_candidate_set(result, tmp_path):
+    """The learned-IQA stage over the pass's candidates: every candidate scored from its bytes,
+    counted; a rerun reuses the written result, another config redoes it."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # a test module: workers cannot import it
+    out, _ = result
+    fates = sorted(str(p) for p in (out / "_work" / "candidates").glob("*.parquet"))
+    n = pq.read_table(fates, columns=["status"])["status"].to_pylist().count("kept")
+    (tmp_path / "weights.bin").write_bytes(b"")
+    cfg = LearnedIQAConfig(name="mean-brightness-test", weights_path=str(tmp_path / "weights.bin"), min_score=0.45)
+    folder, stamp = tmp_path / "iqa", tmp_path / "iqa.json"
+
+    kept, rejected = _learned_iqa(candidates(fates), cfg, str(folder), fates)
+    rows = kept.take_all()
+    assert 0 < len(rows) < n and len(rows) + rejected["low_learned_iqa"] == n
+    assert all(r["learned_iqa"] >= 0.45 for r in rows)
+    written = stamp.stat().st_mtime_ns
+    again, rejected_again = _learned_iqa(candidates(fates), cfg, str(folder), fates)
+    assert stamp.stat().st_mtime_ns == written and rejected_again == rejected and again.count() == len(rows)
+    everything, none = _learned_iqa(candidates(fates), cfg.model_copy(update={"min_score": 0.0}), str(folder), fates)
+    assert everything.count() == n and none == {} and stamp.stat().st_mtime_ns != written
+
+
 def test_missing_metadata_column_is_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "meta.parquet"
     pd.DataFrame({"URL": ["http://127.0.0.1:9/x.jpg"], "TEXT": ["x"]}).to_parquet(bad)
@@ -114,7 +178,8 @@ def test_missing_metadata_column_is_a_clear_error(tmp_path, capsys):
 
 
 def test_killed_pipeline_reruns_to_the_same_shards_and_counts(result, tmp_path):
-    """`python -m pipelines.filter_laion` killed mid-download, then rerun on the same output."""
+    """`python -m pipelines.filter_laion` killed mid-pass (a candidate shard committed, the slow
+    one not), then rerun on the same output: it does only the missing shards."""
     done, report = result
     out, config = tmp_path / "laion", tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
@@ -126,10 +191,12 @@ def test_killed_pipeline_reruns_to_the_same_shards_and_counts(result, tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    kill_when_a_shard_is_done(proc, out / "_work" / "download", timeout=300)
+    kill_when_a_shard_is_done(proc, out / "_work" / "candidates", timeout=300)
     assert not (out / "shards").exists() and not (out / "stats.json").exists()  # killed mid-way
+    finished = {p: p.stat().st_mtime_ns for p in (out / "_work" / "candidates").glob("*_stats.json")}
 
     rerun = run(FilterLaionConfig(output=str(out), **CONFIG))
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # a rerun redoes no finished shard
     assert shard_contents(out) == shard_contents(done)
     counts = lambda r: [(s["name"], s["n_in"], s["n_out"], s["rejected"]) for s in r["stages"]]  # noqa: E731
     assert counts(rerun) == counts(report)

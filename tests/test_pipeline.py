@@ -64,7 +64,7 @@ def test_colour_fix_follows_the_official_order(pipe, monkeypatch):
     size, work = plan_sizes(50, 70, 1.0, 64)
     assert work != (64, 128)  # the canvas is padded: the crop matters
     decoded = torch.rand(1, 3, 64, 128, generator=torch.Generator().manual_seed(0)) * 2 - 0.5  # out of [0, 1]
-    monkeypatch.setattr(pipe, "_diffuse", lambda clean, opts, seeds: decoded)
+    monkeypatch.setattr(pipe, "_diffuse", lambda clean, opts, seeds, *_: decoded)
     (out,) = pipe([img], opts)
     stage1 = pipe.run_stage1(torch.from_numpy(img).permute(2, 0, 1)[None], work, opts)
     fixed = wavelet_reconstruction(decoded[..., : work[0], : work[1]], stage1)
@@ -111,8 +111,9 @@ class RecordingPipeline(RestorationPipeline):
     def __init__(self, fail_task: str | None = None):
         self.calls: list[tuple[list[tuple], RestoreOptions, list[int]]] = []
         self.fail_task = fail_task
+        self.captioner = None
 
-    def __call__(self, images, opts, seeds):
+    def __call__(self, images, opts, seeds, progress=None, captions=None):
         self.calls.append(([im.shape for im in images], opts, list(seeds)))
         if opts.task == self.fail_task:
             raise RuntimeError("out of memory")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 
 import cv2
 import numpy as np
@@ -17,6 +18,7 @@ from skimage import data
 
 from diffbir.image_io import decode_image
 from pipelines import quality as q
+from pipelines.quality.dataset import _Scorer
 from pipelines.shards import write_tar
 
 from conftest import PHOTOS, encode
@@ -210,7 +212,7 @@ def test_learned_iqa_batches_through_the_stage_body(tiny_weights):
     cfg = q.QualityConfig(
         learned_iqa=q.LearnedIQAConfig(name="tiny-test", weights_path=str(tiny_weights), min_score=0.2)
     )
-    scorer = q._Scorer(cfg)
+    scorer = _Scorer(cfg)
     rows = [
         {
             "key": k,
@@ -320,3 +322,34 @@ def test_list_tars_accepts_dirs_globs_lists_and_urls(tmp_path):
     assert q.list_tars(f"file://{tmp_path}") == [f"file://{p}" for p in expected]
     with pytest.raises(FileNotFoundError, match="no tar files"):
         q.list_tars(str(tmp_path / "missing"))
+
+
+def test_learned_iqa_stage_streams_over_candidates_reading_their_bytes(tmp_path, tiny_weights, ray_local):
+    """The GPU stage's body on real Ray Data actors (CPU here): candidates point at their bytes in
+    a tar; each gets its score, and those under min_score are rejected for it."""
+    import ray.cloudpickle
+    import ray.data
+
+    from pipelines.tars import TarAppender
+
+    images = {"a": encode(ASTRONAUT), "b": encode(PHOTOS["coffee"]), "c": encode(ASTRONAUT // 4)}
+    rows = []
+    with open(tmp_path / "00000.tar", "wb") as f, TarAppender(f) as tar:
+        for key, data in images.items():
+            where = tar.add(key, {"png": data, "json": b"{}"})
+            rows.append(
+                {"key": key, "source": str(tmp_path / "00000.tar"), "offset": where["png"].offset, "size": len(data)}
+                | {"ext": "png", "image": data, "caption": "", "meta": "{}", "error": None}
+            )
+    lenient = q.QualityConfig(**{name: None for name in q.QualityConfig.model_fields})
+    candidates = q.score_rows(rows, lenient)
+    cut = (ASTRONAUT // 4).mean() / 255 + 0.05  # between the dark copy and the others
+    cfg = q.LearnedIQAConfig(name="tiny-test", weights_path=str(tiny_weights), min_score=cut, batch_size=2)
+    # the driver resolves the registered class and ships it; Ray's workers cannot import a test
+    # module by name, so it travels by value
+    ray.cloudpickle.register_pickle_by_value(sys.modules[TinyIQA.__module__])
+    ds = ray.data.from_arrow(pa.Table.from_pylist(candidates, schema=q.SCORED_SCHEMA))
+    out = {r["key"]: r for r in q.learned_iqa_stage(ds, cfg).take_all()}
+    assert out["a"]["learned_iqa"] == pytest.approx(ASTRONAUT.mean() / 255, abs=0.02)
+    assert [out[k]["passed"] for k in "abc"] == [True, True, False]
+    assert out["c"]["reasons"] == ["low_learned_iqa"] == [out["c"]["reason"]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -136,20 +137,24 @@ def test_crash_before_rename_leaves_no_visible_partial_shard(download, tmp_path,
 
 def test_object_store_url_and_unreadable_sources(download, tmp_path):
     kept = [dict(r) for r in download["kept"]]
-    kept[1]["sha256"] = "0" * 64  # the download tar changed since scoring
-    kept[2]["source"] = str(tmp_path / "gone.tar")
+    kept[2]["sha256"] = "0" * 64  # the download tar changed since scoring
+    kept[3]["source"] = str(tmp_path / "gone.tar")
     result = sh.write_shards(kept, "memory://bucket/shards", sh.ShardConfig(samples_per_shard=2))
     assert result.rejected == {"checksum_mismatch": 1, "read_error": 1} and (result.n_in, result.n_out) == (5, 3)
+    # the numbering never depends on what could be read: shard 00001 lost both samples and is not written
+    assert result.shards == ["00000.tar", "00002.tar"]
     fs = fsspec.filesystem("memory")
     assert sorted(p.rsplit("/", 1)[1] for p in fs.ls("/bucket/shards", detail=False)) == [
         "00000.tar",
-        "00001.tar",
+        "00002.tar",
         "index.parquet",
     ]
     with fs.open("/bucket/shards/00000.tar", "rb") as f, tarfile.open(fileobj=f) as tar:
-        assert len(tar.getnames()) == 6  # still full shards: failures do not leave holes
+        assert len(tar.getnames()) == 6
     with fs.open("/bucket/shards/index.parquet", "rb") as f:
-        assert pq.read_table(f).num_rows == 3
+        index = pq.read_table(f)
+    assert index["key"].to_pylist() == [kept[i]["key"] for i in (0, 1, 4)]
+    assert index["shard"].to_pylist() == ["00000.tar"] * 2 + ["00002.tar"]
 
 
 def test_stats_report_counts_add_up(download, tmp_path):
@@ -232,3 +237,95 @@ def test_report_names_failed_shards_and_warnings(tmp_path):
     summary = open(paths["summary"]).read()
     assert "| download | 7 | 10 | OSError: disk full |" in summary and "- download shard(s) 7 failed" in summary
     assert build_report(stages)["failed_shards"] == [] == build_report(stages)["warnings"]
+
+
+# ---- the Ray path: tasks write the shards
+
+
+@pytest.fixture(scope="module")
+def big_download(tmp_path_factory):
+    """40 samples of incompressible bytes (60–700 KB, ~15 MB) in two download tars, as scored
+    rows in (source, key) order. The writer never decodes: random bytes are as good as images."""
+    root = tmp_path_factory.mktemp("big")
+    rng = np.random.default_rng(0)
+    rows = []
+    for part in range(2):
+        samples = [
+            (f"{part}{i:08d}", {"jpg": rng.bytes(int(rng.integers(60_000, 700_000))), "txt": b"c", "json": b"{}"})
+            for i in range(20)
+        ]
+        source = str(root / f"{part:05d}.tar")
+        with open(source, "wb") as f:
+            sh.write_tar(f, samples)
+        with tarfile.open(source) as tar:
+            offsets = {m.name: m.offset_data for m in tar}
+        for key, members in samples:
+            data = members["jpg"]
+            rows.append(
+                {
+                    "key": key,
+                    "source": source,
+                    "offset": offsets[f"{key}.jpg"],
+                    "size": len(data),
+                    "ext": "jpg",
+                    "caption": f"caption {key}",
+                    "meta": json.dumps({"url": f"http://127.0.0.1/{key}.jpg"}),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "phash": f"{len(data):016x}",
+                    "sharpness": float(len(data) % 97),
+                }
+            )
+    return rows
+
+
+def files_of(path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def test_tasks_write_shards_by_samples_and_bytes(big_download, tmp_path, monkeypatch):
+    ensure_ray()
+    config = sh.ShardConfig(samples_per_shard=6, max_shard_bytes=2**20, shards_per_task=2, workers=2)
+    here = sh.write_shards(big_download, str(tmp_path / "here"), config)  # this process: the reference
+
+    def no_bytes_here(rec):
+        raise AssertionError("the driver read image bytes")
+
+    monkeypatch.setattr(sh, "_fetch", no_bytes_here)  # the driver's copy only: Ray workers import their own
+    rng = np.random.default_rng(1)
+    for run, blocks in enumerate((5, 3)):  # rows shuffled over other blocks each time: the same shards
+        shuffled = [big_download[i] for i in rng.permutation(len(big_download))]
+        records = ray.data.from_items(shuffled, override_num_blocks=blocks)
+        result = sh.write_shards(records, str(tmp_path / "ray"), config)
+        assert files_of(tmp_path / "ray") == files_of(tmp_path / "here"), run
+        assert (result.shards, result.n_in, result.n_out, result.rejected) == (here.shards, 40, 40, {})
+
+    # every sample once, in (source, key) order, in the shard the index names
+    index = pq.read_table(tmp_path / "ray" / "index.parquet").to_pandas()
+    assert index["key"].tolist() == [r["key"] for r in big_download]
+    by_key = {r["key"]: r for r in big_download}
+    cost = {}  # a sample's bytes in its tar, from the tar itself
+    members = []
+    for name in here.shards:
+        with tarfile.open(tmp_path / "ray" / name) as tar:
+            infos = tar.getmembers()
+        keys = sorted({m.name.split(".")[0] for m in infos})
+        assert index.loc[index["shard"] == name, "key"].tolist() == keys
+        for m in infos:
+            key = m.name.split(".")[0]
+            cost[key] = cost.get(key, 0) + 512 + -(-m.size // 512) * 512
+            if m.name.endswith(".jpg"):
+                with tarfile.open(tmp_path / "ray" / name) as tar:
+                    data = tar.extractfile(m).read()
+                assert hashlib.sha256(data).hexdigest() == by_key[key]["sha256"]
+        members.append(keys)
+    # each shard: at most 6 samples and 1 MiB (unless one sample alone); closed only when the next
+    # sample would not fit, or at the end of a task's range of 12 rows
+    position = 0
+    for keys, following in zip(members, members[1:] + [None]):
+        size = sum(cost[k] for k in keys)
+        assert len(keys) <= 6 and (size <= 2**20 or len(keys) == 1)
+        position += len(keys)
+        if following and position % 12:
+            assert len(keys) == 6 or size + cost[following[0]] > 2**20
+    assert any(len(k) < 6 and sum(cost[x] for x in k) + cost[n[0]] > 2**20 for k, n in zip(members, members[1:]))
+    assert len(members) > 40 / 6 + 1  # the byte cap split some shards

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
+from pydantic import ValidationError
 
 from diffbir.config import build_parser, load_config, parse_config
 from diffbir.metrics import build_metric
@@ -61,6 +63,22 @@ def test_every_field_is_a_flag_and_flags_override_the_file(tmp_path):
     assert cfg.diffusion.parameterization == "eps" and cfg.text_encoder.width == 48  # the rest from the file
     flags = {a.dest: a.option_strings for a in build_parser(GMConfig)._actions}
     assert all(flags[f][0] == "--" + f.replace("_", "-") for f in GMConfig.model_fields)
+
+
+def test_paired_data_flags_reach_the_feed(tmp_path):
+    """--data HQ --lq-data LQ --lq-scale 4: the training samples are the pairs of the two folders
+    (x4), validation defaults to them too; a crop the scale does not divide is refused."""
+    for side, size in (("hq", 64), ("lq", 16)):
+        (tmp_path / side).mkdir()
+        Image.new("RGB", (size, size), "gray").save(tmp_path / side / "a.png")
+    args = ["--config", str(CONFIGS / "rm_tiny.yaml"), "--data", str(tmp_path / "hq"), "--lq-data"]
+    cfg = parse_config(RMConfig, [*args, str(tmp_path / "lq"), "--lq-scale", "4"])
+    assert (cfg.feed().lq_data, cfg.feed().lq_scale) == (str(tmp_path / "lq"), 4)
+    assert cfg.index()["lq_url"].to_pylist()[0].endswith("/lq/a.png")
+    cfg = cfg.model_copy(update={"val_data": None})  # rm_tiny.yaml's held-out shards
+    assert cfg.val_index()["lq_url"].to_pylist() == cfg.index()["lq_url"].to_pylist()
+    with pytest.raises(ValidationError, match="crop_size 64 must be a multiple of lq_scale 3"):
+        parse_config(RMConfig, [*args, str(tmp_path / "lq"), "--lq-scale", "3"])
 
 
 def test_deepspeed_config_and_lr_schedule():

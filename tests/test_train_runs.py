@@ -10,6 +10,8 @@ on shards of real photos, MLflow (SQLite in a temporary directory) and the regis
 - The GM run stacks IRControlNet on the tiny SD 2.1 with the trained RM as stage 1.
 - Resuming with another batch size continues every rank's data stream where it stopped; with
   another world size it is refused.
+- The user's own pairs (a folder of hq/ and lq/, x2) train an RM that resumes at its feed
+  position, and a GM on an off-the-shelf x4 stage 1 (a spandrel file).
 - A real MLflow server stopped mid-run and started again: the run finishes with every metric.
 - publish() swaps a new final model in only once it is uploaded."""
 
@@ -33,10 +35,12 @@ from fsspec.implementations.local import LocalFileSystem
 from mlflow import MlflowClient
 from ray.train.v2.api.callback import UserCallback
 from ray.util.state import list_actors
+from safetensors.torch import save_file
+from spandrel.architectures.ESRGAN import ESRGAN
 
 from diffbir.checkpoints.loading import load_model
 from diffbir.config import load_config
-from pipelines.feed import VAL_PHOTOS, write_example_shards
+from pipelines.feed import TRAIN_PHOTOS, VAL_PHOTOS, pair_report, write_example_pairs, write_example_shards
 from pipelines.ray_env import ensure_ray, free_port
 from training import registry
 from training.launch import RUN_TAG, config_hash, train
@@ -268,6 +272,38 @@ def test_resume_maps_the_data_position_or_refuses(local_ray, workdir):
     last = ray.train.Checkpoint.from_directory(str(Path(cfg.storage) / cfg.name / "checkpoint_00000008"))
     with pytest.raises(ResumeError, match="was written by 1 ranks, this run has 2.*Resume with num_workers=1"):
         restore(last, None, None, None, rank=0, world=2)
+
+
+@pytest.fixture(scope="module")
+def pairs(workdir) -> Path:
+    """LQ/HQ pair folders (x2) made from the example photos with the platform's degradation."""
+    write_example_pairs(str(workdir / "pairs/train"), scale=2)
+    write_example_pairs(str(workdir / "pairs/val"), VAL_PHOTOS, scale=2)
+    return workdir / "pairs"
+
+
+def test_paired_rm_run_resumes_on_its_pairs(local_ray, workdir, pairs):
+    cfg = short("paired", workdir, lq_scale=2, val_every=4)
+    cfg = cfg.model_copy(update={"data": str(pairs / "train"), "val_data": str(pairs / "val")})
+    assert pair_report(cfg.index()).pairs == len(TRAIN_PHOTOS) and pair_report(cfg.val_index()).pairs == 2
+    first = train(cfg, RM_TASK).metrics
+    assert first["train/data_position"] == 32 and {"val/psnr", "val/psnr_lq"} <= set(first)
+    resumed = train(cfg.model_copy(update={"steps": 6}), RM_TASK).metrics  # from data.json's position
+    assert (resumed["train/resumed_from"], resumed["train/data_position"]) == (4, 48)
+
+
+def test_gm_on_pairs_with_an_off_the_shelf_stage1(local_ray, workdir, pairs):
+    """--stage1-weights: a spandrel file (a tiny x4 RRDBNet), run on the LQ reduced by 4."""
+    stage1 = workdir / "rrdbnet_x4_tiny.safetensors"
+    torch.manual_seed(0)
+    save_file(ESRGAN(num_filters=8, num_blocks=1, scale=4).state_dict(), stage1)
+    fields = dict(steps=2, log_every=1, val_every=2, image_every=2, checkpoint_every=2, register_as="", lq_scale=2)
+    cfg = tiny(GMConfig, "gm_tiny.yaml", workdir, name="gm-paired", stage1_weights=str(stage1), **fields)
+    cfg = cfg.model_copy(update={"data": str(pairs / "train"), "val_data": str(pairs / "val")})
+    result = train(cfg, "training.train_gm:GMTask")
+    assert result.metrics["step"] == 2 and "val/psnr_stage1" in result.metrics
+    model = load_model(Path(cfg.storage) / cfg.name / "model")
+    assert model.parts["stage1"].config["scale"] == 4
 
 
 class MlflowServer:

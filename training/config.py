@@ -12,12 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import pyarrow as pa
 from pydantic import Field
 
 from diffbir.config import Dtype
 from diffbir.metrics import MetricsConfig
 from pipelines.config import Location
-from pipelines.feed import FeedConfig
+from pipelines.feed import FeedConfig, index_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,3 +91,12 @@ class TrainConfig(FeedConfig):
 
     def feed(self) -> FeedConfig:
         return FeedConfig(**self.model_dump(include=set(FeedConfig.model_fields)))
+
+    def index(self) -> pa.Table:
+        """The training samples (index_samples of data, paired with lq_data when given)."""
+        return index_samples(self.data, self.lq_data, self.lq_scale)
+
+    def val_index(self) -> pa.Table:
+        """The validation samples: val_data's (paired when it has hq/ and lq/, or hq.*/lq.* members),
+        else the training samples."""
+        return index_samples(self.val_data, scale=self.lq_scale) if self.val_data else self.index()

@@ -102,7 +102,7 @@ from diffbir.config import Dtype, parse_config
 from diffbir.image_io import READABLE_SUFFIXES, ImageError, decode_image, encode_image
 from diffbir.metrics import FID, METRIC_NAMES, MetricsConfig, build_metric
 from diffbir.pipeline import RestorationPipeline, RestoreOptions, canvas_size, name_seed, plan_sizes
-from pipelines.degradations import DegradationConfig, degrade, load_degradation
+from pipelines.degradations import DegradationConfig, RealESRGANConfig, degrade, load_degradation
 from pipelines.ray_env import ensure_ray
 from pipelines.shards import atomic_write
 from training import registry
@@ -370,9 +370,11 @@ def prepare_image(
 
 def _degradation(bench: BenchmarkConfig) -> DegradationConfig:
     try:
-        return load_degradation(bench.degradation)
+        cfg = load_degradation(bench.degradation)
     except (OSError, ValidationError) as e:
         raise EvalError(f"benchmark {bench.name}: degradation {bench.degradation!r}: {e}") from e
+    # a sharpened ground truth is a training target (usm_sharpen); a benchmark degrades its HQ as it is
+    return cfg.model_copy(update={"usm_sharpen": False}) if isinstance(cfg, RealESRGANConfig) else cfg
 
 
 def prepare_inputs(benches: list[Bench]) -> int:

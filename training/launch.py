@@ -23,7 +23,6 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from diffbir.config import parse_config
-from pipelines.feed import index_samples
 from pipelines.ray_env import ensure_ray
 from training import registry
 from training.config import TrainConfig
@@ -67,8 +66,8 @@ def train(cfg: TrainConfig, task: str, callbacks: list | None = None):
             tracking_uri=tracking_uri,
             run_id=run_id,
             # indexed once here; every worker (and every restart) shares the object
-            index=ray.put(index_samples(cfg.data)),
-            val_index=ray.put(index_samples(cfg.val_data or cfg.data)),
+            index=ray.put(cfg.index()),
+            val_index=ray.put(cfg.val_index()),
         ),
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,

@@ -38,7 +38,6 @@ import logging
 import math
 import os
 import sys
-import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -59,6 +58,7 @@ from diffbir.metrics import METRIC_NAMES, Metric, MetricsConfig, build_metric
 from diffbir.pipeline import RestorationPipeline, RestoreOptions
 from diffbir.sampling.tiling import tiled_stage1
 from pipelines.degradations import DegradationConfig, degrade, load_degradation
+from pipelines.tars import iter_samples, read_members
 from training import registry
 
 WINDOW = 64  # DiffBIR SwinIR needs sides in multiples of sf * window_size = 8 * 8
@@ -322,11 +322,16 @@ def _heldout_files(path: str) -> list[Path]:
 def heldout_images(files: list[Path]) -> Iterator[np.ndarray]:
     """HQ images (RGB float32 in [0, 1]) of image files and WebDataset shards, in name order."""
     for f in files:
-        if f.suffix == ".tar":
-            with tarfile.open(f) as tar:
-                images = [m for m in tar if m.isfile() and Path(m.name).suffix.lower() in READABLE_SUFFIXES]
-                for m in sorted(images, key=lambda m: m.name):
-                    yield decode_image(tar.extractfile(m).read(), f"{f}:{m.name}")[0]
+        if f.suffix == ".tar":  # headers first, then each image in name order
+            images = [
+                (f"{key}.{ext}", member)
+                for key, members in iter_samples(str(f), read=lambda ext: False)
+                for ext, member in members.items()
+                if f".{ext.rsplit('.', 1)[-1]}" in READABLE_SUFFIXES
+            ]
+            for name, member in sorted(images, key=lambda item: item[0]):
+                (data,) = read_members([str(f)], [member.offset], [member.size])
+                yield decode_image(data, f"{f}:{name}")[0]
         elif f.suffix.lower() in READABLE_SUFFIXES:
             yield decode_image(f.read_bytes(), str(f))[0]
 

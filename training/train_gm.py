@@ -1,6 +1,10 @@
 """Stage 2: train IRControlNet on a frozen SD 2.1-base, conditioned on c_RM, the VAE-encoded
 output of a frozen restoration module.
 
+Stage 1 is any frozen restoration net: a platform model (train_rm's), DiffBIR's SwinIR file or
+an off-the-shelf net spandrel reads (--stage1-weights). With paired data (--data with hq/ and lq/,
+see pipelines.feed) it makes the condition from the user's own LQ images.
+
 The ControlNet starts as a copy of the UNet encoder with its extra input channels and zero convs
 at zero (IRControlNet.from_unet), or from given IRControlNet weights. The objective is eps or v
 prediction, as the DiffusionConfig says (v2: eps; v2.1: zero-terminal-SNR with v). DiffBIR
@@ -83,6 +87,8 @@ class GMTask:
         base = load_model(cfg.base_weights, num_head_channels=cfg.num_head_channels)
         stage1 = load_model(cfg.stage1_weights)
         self.stage1_name, stage1_part = next((n, p) for n, p in stage1.parts.items() if n in ("swinir", "stage1"))
+        # an off-the-shelf net's output / input size (spandrel's; DiffBIR's SwinIR keeps the size)
+        self.stage1_scale = int(stage1_part.config.get("scale", 1)) if self.stage1_name == "stage1" else 1
         self.configs = {n: p.config for n, p in base.parts.items()} | {self.stage1_name: stage1_part.config}
         self.unet, self.vae, self.stage1 = base.parts["unet"].module, base.parts["vae"].module, stage1_part.module
         if "text_encoder" in base.parts:
@@ -113,6 +119,17 @@ class GMTask:
     def trainable(self) -> nn.Module:
         return self.controlnet
 
+    def _stage1(self, lq: torch.Tensor) -> torch.Tensor:
+        """Stage 1 on the LQ (fed at the HQ size), its output at that size. A net of scale s (an
+        x4 super-resolution net) sees the LQ reduced by s, as restoration runs it on the small input."""
+        size = lq.shape[-2:]
+        if self.stage1_scale > 1:
+            lq = F.interpolate(lq, scale_factor=1 / self.stage1_scale, mode="bicubic", antialias=True).clamp(0, 1)
+        out = self.stage1(lq)
+        if out.shape[-2:] != size:
+            out = F.interpolate(out.float(), size=size, mode="bicubic", antialias=True)
+        return out
+
     def _context(self, prompts: list[str]) -> torch.Tensor:
         if not any(prompts):
             return self.empty_context.expand(len(prompts), -1, -1)
@@ -123,7 +140,7 @@ class GMTask:
         hq, lq = batch["hq"].to(self.device), batch["lq"].to(self.device)
         with torch.no_grad(), autocast(self.cfg.precision, self.device):
             z0 = cldm.vae_encode(hq, sample=True, generator=generator).float()
-            c_img = cldm.condition_latent(self.stage1(lq).clamp(0, 1))
+            c_img = cldm.condition_latent(self._stage1(lq).clamp(0, 1))
             c_txt = self._context(batch["prompt"])
         t = torch.randint(0, len(self.alphas_cumprod), (len(z0),), generator=generator, device=self.device)
         noise = torch.randn(z0.shape, generator=generator, device=self.device)
@@ -141,7 +158,7 @@ class GMTask:
         hq01, lq = (batch["hq"].to(self.device) + 1) / 2, batch["lq"].to(self.device)
         model.eval()
         with autocast(self.cfg.precision, self.device):
-            stage1 = self.stage1(lq).float().clamp(0, 1)
+            stage1 = self._stage1(lq).float().clamp(0, 1)
             c_img = cldm.condition_latent(stage1).float()
             den = Denoiser(cfg_model(cldm, c_img, self._context(batch["prompt"])), self.cfg.diffusion)
             generator = torch.Generator(self.device).manual_seed(self.cfg.seed)

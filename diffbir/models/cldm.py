@@ -8,6 +8,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 
+from diffbir.models.attention import use_denoiser_attention
 from diffbir.models.unet import IRControlNet
 from diffbir.models.vae import CondEncoder
 
@@ -28,6 +29,7 @@ class ControlLDM(nn.Module):
         self.unet, self.controlnet, self.vae = unet, controlnet, vae
         self.text_encoder, self.cond_encoder = text_encoder, cond_encoder
         self.latent_scale_factor = latent_scale_factor
+        use_denoiser_attention(*(m for m in (unet, controlnet) if m is not None))
 
     def vae_encode(self, image: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None):
         """image in [-1, 1] -> scaled latent: the posterior mode, or a sample (training targets)."""

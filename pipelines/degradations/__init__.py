@@ -6,6 +6,7 @@ Models (typed configs, YAML in pipelines/configs/degradations/):
 - RealESRGANConfig: Real-ESRGAN's second-order model, resized back to the HQ size.
 
     lq, params = degrade(hq, seed, load_degradation("realesrgan"))
+    target, lq, params = degrade_pair(hq, seed, load_degradation("realesrgan"))  # training: sharpened GT
 
 Images are HWC RGB: uint8 [0, 255] or float [0, 1] in, the same kind out (float as float32);
 the operations work on float32 [0, 1]. params is JSON-able; apply_params(hq, params) replays it.
@@ -36,6 +37,7 @@ from .models import (
     apply_ops,
     apply_params,
     degrade,
+    degrade_pair,
     sample_first_order,
     sample_kernel,
     sample_params,
@@ -78,6 +80,7 @@ __all__ = [
     "apply_ops",
     "apply_params",
     "degrade",
+    "degrade_pair",
     "sample_first_order",
     "sample_kernel",
     "sample_params",

@@ -165,8 +165,9 @@ class RealESRGANConfig(_Config):
     """Real-ESRGAN's second-order model (Wang et al. 2021; BasicSR RealESRGANModel).
 
     Two stages, then [resize to HQ/scale + sinc filter] and the second stage's JPEG in random
-    order, then (DiffBIR) a bicubic resize back to the HQ size. Defaults: Real-ESRGAN
-    options/train_realesrgan_x4plus.yml and DiffBIR configs/dataset/general_deg_realesrgan_train.yaml.
+    order, then (DiffBIR) a bicubic resize back to the HQ size. Defaults: XPixelGroup/DiffBIR
+    configs/train/train_stage2_v2.1.yaml (its RealESRGANDataset and RealESRGANBatchTransform
+    parameters), the values of Real-ESRGAN options/train_realesrgan_x4plus.yml.
     """
 
     model: Literal["realesrgan"] = "realesrgan"
@@ -180,9 +181,10 @@ class RealESRGANConfig(_Config):
     """The LQ is degraded down to HQ size / scale."""
     resize_back: bool = True
     """Resize the LQ back to the HQ size (bicubic), as DiffBIR feeds LQ at HQ resolution."""
-    usm_sharpen: bool = False
-    """Degrade the unsharp-masked HQ (Real-ESRGAN; DiffBIR does not). Train against
-    usm_sharp(hq, usm_weight, usm_radius, usm_threshold) then."""
+    usm_sharpen: bool = True
+    """Sharpen the ground truth first (BasicSR's USMSharp): the LQ is degraded from the sharpened
+    HQ, which is also the training target (degrade_pair). Real-ESRGAN and DiffBIR v2.1's stage 2
+    (use_sharpener: true); DiffBIR v2's general_deg_realesrgan_train.yaml has it off."""
     usm_weight: NonNegative = 0.5
     usm_radius: Annotated[int, Field(ge=1)] = 50
     usm_threshold: NonNegative = 10.0

@@ -175,6 +175,19 @@ def degrade(
     the same seed gives a bit-identical lq. params: JSON-able record of every sampled value.
     config: FirstOrderConfig (default), CodeFormerFaceConfig or RealESRGANConfig.
     """
+    _, lq, params = degrade_pair(hq, rng, config)
+    return lq, params
+
+
+def degrade_pair(
+    hq: np.ndarray, rng: np.random.Generator | int, config: FirstOrderConfig | RealESRGANConfig | None = None
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A training pair from an HQ image: (target, lq, params), as degrade. The target is the HQ,
+    or the USM-sharpened HQ when the config sharpens (usm_sharpen: the reference trains towards
+    the sharpened ground truth that the LQ was degraded from)."""
     img, dtype = to_float_rgb(hq)
     params = sample_params(FirstOrderConfig() if config is None else config, img.shape[:2], rng)
-    return from_float(apply_ops(img, params["ops"]), dtype), params
+    ops = params["ops"]
+    sharpen = 1 if ops and ops[0]["op"] == "usm_sharp" else 0  # sampling puts it first
+    target = apply_ops(img, ops[:sharpen])
+    return from_float(target, dtype), from_float(apply_ops(target, ops[sharpen:]), dtype), params

@@ -12,9 +12,10 @@ Beside the output, named after its stem (the output without its archive suffix):
 
     <stem>.manifest.parquet, <stem>.manifest.csv   one row per input member (directories excepted):
         path, output, status (restored / skipped / failed), reason, error, model uri + version,
-        options (JSON), seed, size, timings, run id. skipped: refused, or not a usable image (a
-        rerun skips it again unless the limits changed); failed: its bytes could not be read or
-        restoration raised (a rerun retries it)
+        options (JSON), seed, caption (--captioner: what led the prompt) or caption_error (why
+        there is none: the default prompt was used), size, timings, run id. skipped: refused, or
+        not a usable image (a rerun skips it again unless the limits changed); failed: its bytes
+        could not be read or restoration raised (a rerun retries it)
     <stem>.contact.png, <stem>.contact.html        input | stage 1 | final of the first restored images
     <stem>.parts/                                  the work directory; removed when the run ends
 
@@ -55,12 +56,14 @@ import pyarrow as pa
 import ray
 import ray.data
 import torch
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 from tqdm import tqdm
 
-from diffbir.config import Dtype, parse_config
+from diffbir.captioning import CaptionerSettings
+from diffbir.config import MATMUL_PRECISION_HELP, Dtype, MatmulPrecision, parse_config
+from diffbir.faces import FaceConfig
 from diffbir.image_io import ImageError, ImageInfo, decode_image, encode_image
 from diffbir.pipeline import RestorationPipeline, RestoreOptions, canvas_size, name_seed
 from pipelines.arrow import batched_tables
@@ -99,9 +102,9 @@ LIMIT_FIELDS = (
 )
 
 
-class ArchiveConfig(RestoreOptions):
-    """Restoration options (RestoreOptions; `seed` is the base of the per-file seeds) plus what to
-    read, what to write, how to run and what to refuse."""
+class ArchiveConfig(CaptionerSettings, RestoreOptions):
+    """Restoration options (RestoreOptions; `seed` is the base of the per-file seeds), the captioner,
+    plus what to read, what to write, how to run and what to refuse."""
 
     input: str = Field(description="tar, tar.gz, tar.bz2, tar.xz, zip or folder: a local path or an fsspec URL")
     output: str = Field(description="the same kind as the input (a folder for a folder)")
@@ -109,6 +112,7 @@ class ArchiveConfig(RestoreOptions):
     tracking_dir: str = Field(registry.DEFAULT_DIR, description="local MLflow store (MLFLOW_TRACKING_URI wins)")
     cache_dir: str | None = Field(None, description=f"downloaded versions (default ${registry.CACHE_ENV} or ~/.cache)")
     dtype: Dtype = Field("fp32", description="inference precision")
+    matmul_precision: MatmulPrecision = Field("highest", description=MATMUL_PRECISION_HELP)
     batch_size: int = Field(4, ge=1, le=256, description="images per actor call")
     concurrency: int = Field(1, ge=1, le=1024, description="actors in the pool, each holding one model copy")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor (0: run on CPU)")
@@ -139,7 +143,15 @@ class ArchiveConfig(RestoreOptions):
         8, ge=0, le=64, description="images in the contact sheet, as input | stage 1 | final (0: none)"
     )
     keep_parts: bool = Field(False, description="keep <stem>.parts/ after a finished run")
+    faces: FaceConfig = Field(default_factory=FaceConfig, description="unaligned_face: detector, parser, face model")
     overwrite: bool = Field(False, description="replace an existing output and discard earlier parts")
+
+    @model_validator(mode="after")
+    def _faces(self) -> ArchiveConfig:
+        if self.landmarks is not None:
+            raise ValueError("landmarks: an archive's images have their own faces; leave them to the detector")
+        self.faces = self.faces.absolute()  # for the actors, wherever they start
+        return self
 
     def options(self) -> RestoreOptions:
         """The options given (a preset, the model's version's by default, fills the others)."""
@@ -225,6 +237,8 @@ RESULT_SCHEMA = pa.schema(
         ("height", pa.int64()),
         ("read_s", pa.float64()),
         ("restore_s", pa.float64()),
+        ("caption", pa.string()),
+        ("caption_error", pa.string()),
         ("data", pa.large_binary()),
         ("stage1", pa.large_binary()),  # PNG of the stage-1 image, for the contact sheet's members only
     ]
@@ -248,8 +262,11 @@ class ArchiveRestorer:
         if device == "cpu":
             torch.set_num_threads(math.ceil(cfg["cpus_per_actor"]))
         model_dir = registry.resolve(model_uri, cache_dir)  # a pinned version: every actor loads the same
-        self.pipe = RestorationPipeline.from_pretrained(str(model_dir), device, cfg["dtype"])
+        self.pipe = RestorationPipeline.from_pretrained(str(model_dir), device, cfg["dtype"], cfg["matmul_precision"])
         self.opts = self.pipe.options(RestoreOptions(**options))  # as the pipeline will run them (preset applied)
+        captioner = CaptionerSettings(**{name: cfg[name] for name in CaptionerSettings.model_fields})
+        self.pipe.captioner = captioner.load_captioner(self.pipe.device, self.pipe.dtype)
+        self.pipe.configure_faces(FaceConfig(**cfg["faces"]))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         results, decoded = [], []
@@ -271,9 +288,12 @@ class ArchiveRestorer:
             results.append(result)
         start = time.perf_counter()  # restore_s: the time restoring the block, per image
         options = [self.opts.model_copy(update={"seed": r["seed"]}) for r, *_ in decoded]
-        outputs = self.pipe.restore_grouped([image for _, image, _, _ in decoded], options)
+        images = [image for _, image, _, _ in decoded]
+        captions = self.pipe.caption(images, options)  # the block's images in one captioner call
+        outputs = self.pipe.restore_grouped(images, options, captions=captions)
         seconds = (time.perf_counter() - start) / max(len(decoded), 1)
-        for (result, image, info, path), out, opts in zip(decoded, outputs, options):
+        for (result, image, info, path), out, opts, caption in zip(decoded, outputs, options, captions):
+            result |= dict(caption=caption.text or None, caption_error=caption.error)
             result = self._finish(result, out, info, path, seconds)
             if result["status"] == "restored" and result["ordinal"] in self.contact:
                 result["stage1"] = encode_image(self.pipe.stage1_image(image, opts))
@@ -336,9 +356,13 @@ def restore_archive(cfg: ArchiveConfig) -> dict:
     members = listing.members
     options = cfg.options().model_dump_json()
     names = hashlib.sha256(json.dumps([(m.name, m.size) for m in members]).encode()).hexdigest()
-    parts.claim(
-        dict(content=listing.digest, listing=names, model=model["uri"], options=options, jpeg_quality=cfg.jpeg_quality)
+    fingerprint = dict(
+        content=listing.digest, listing=names, model=model["uri"], options=options, jpeg_quality=cfg.jpeg_quality
     )
+    if cfg.captioner:  # captions change the restorations; runs without one keep their earlier fingerprint
+        cfg = cfg.model_copy(update={"captioner": os.path.abspath(cfg.captioner)})  # as the actors will see it
+        fingerprint["captioner"] = cfg.captioner
+    parts.claim(fingerprint)
 
     limits = cfg.limits()
     done = {o for o, r in parts.records().items() if _still_valid(r, limits)}

@@ -98,6 +98,8 @@ MANIFEST_SCHEMA = pa.schema(
         ("model_version", pa.string()),
         ("options", pa.string()),
         ("seed", pa.int64()),
+        ("caption", pa.string()),
+        ("caption_error", pa.string()),
         ("size", pa.int64()),
         ("width", pa.int64()),
         ("height", pa.int64()),
@@ -107,7 +109,20 @@ MANIFEST_SCHEMA = pa.schema(
         ("finished_at", pa.string()),
     ]
 )
-RECORD_FIELDS = ("status", "reason", "error", "seed", "width", "height", "read_s", "restore_s", "run_id", "finished_at")
+RECORD_FIELDS = (
+    "status",
+    "reason",
+    "error",
+    "seed",
+    "caption",
+    "caption_error",
+    "width",
+    "height",
+    "read_s",
+    "restore_s",
+    "run_id",
+    "finished_at",
+)
 
 
 def manifest_rows(
