@@ -1,19 +1,22 @@
 """The whole data pipeline against plain img2dataset on the same rows, at a size where per-image
 costs dominate: images/s per core, storage and the driver's peak memory.
 
-N distinct ~1 MP JPEGs (crops of scikit-image's and scikit-learn's photos, as
-`pipeline_overhead.py` makes them; some upscaled enough that the quality filter rejects them) are
-served on 127.0.0.1 and listed in a LAION-style parquet. Each run is a fresh process joined to a
+N ~1 MP JPEGs like a crawl's (`pipeline_overhead.crawl_like_jpegs`: half sharp mosaics of the
+bundled photos, half soft upscales the quality filter rejects, 3% near-duplicates) are served on
+127.0.0.1 and listed in a LAION-style parquet, for each size asked for. Each run is a fresh process joined to a
 local Ray started once before timing (a cluster is up already in real use):
 - plain: `img2dataset.download` (its multiprocessing distributor, one process per core, the
   original bytes of every image kept), what people would otherwise run;
 - pipeline: `python -m pipelines.filter_laion` (prefilter, the streaming download+quality pass,
   dedup, final shards, report).
 Per run: wall seconds, images/s per core (rows / wall / cores), the driver's peak RSS, and the
-bytes it leaves: every intermediate file (plain: its whole output) and the final shards. The
-pipeline's stage times come from its log. Needs a quiet machine for meaningful figures.
+bytes it leaves: every intermediate file (plain: its whole output) and the final shards. With
+two sizes or more, the per-image cost of each tool is the slope between the smallest and the
+largest (what a run of millions of images pays; each run's fixed cost, Ray Data's planning and
+start-up per stage, drops out). The pipeline's stage times come from its log. Needs a quiet
+machine for meaningful figures.
 
-    .venv/bin/python benchmarks/filter_throughput.py --images 2000 [--repeats 3]
+    .venv/bin/python benchmarks/filter_throughput.py --images 2000 8000 [--repeats 3]
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.pipeline_overhead import distinct_jpegs, write_metadata
+from benchmarks.pipeline_overhead import crawl_like_jpegs, write_metadata
 from benchmarks.quality_filter import cpu_model
 from diffbir.config import parse_config
 from pipelines.sample import SampleServer
@@ -62,7 +65,13 @@ _STAGE_TIME = re.compile(r" filter_laion ([\w+ ]+): .*?\((\d+) s")
 
 class BenchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    images: int = Field(2000, ge=1, le=100_000, description="metadata rows, each a distinct ~1 MP JPEG")
+    images: list[int] = Field(
+        [2000, 8000],
+        min_length=1,
+        max_length=4,
+        description="metadata row counts to run (each a ~1 MP JPEG); two or more also give the per-image "
+        "(marginal) rates, with the fixed costs of a run taken out",
+    )
     repeats: int = Field(1, ge=1, le=10, description="runs of each kind (median taken)")
     shard_size: int = Field(100, ge=1, le=10_000, description="rows per download shard (both tools)")
     thread_count: int = Field(16, ge=1, le=256, description="download threads per shard task / process")
@@ -103,42 +112,59 @@ def main(argv: list[str] | None = None) -> None:
 
     ensure_ray()
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
-    runs: dict[str, list[dict]] = {"plain img2dataset": [], "whole pipeline": []}
+    sizes = sorted(set(args.images))
+    if not all(1 <= n <= 100_000 for n in sizes):
+        raise SystemExit("--images: each between 1 and 100000")
+    runs: dict[int, dict[str, list[dict]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        (root / "www").mkdir()
-        with SampleServer(root / "www") as server:
-            metadata = write_metadata(root, server.base_url, distinct_jpegs(args.images))
-            for r in range(args.repeats):
-                for name in runs:  # interleaved, so drifting load hits both alike
-                    out = root / f"out-{r}-{name.split()[0]}"
-                    runs[name].append(_run(name.split()[0], metadata, out, args, env))
-                    shutil.rmtree(out)
+        for n in sizes:
+            runs[n] = {"plain img2dataset": [], "whole pipeline": []}
+            www = root / "www"
+            shutil.rmtree(www, ignore_errors=True)
+            www.mkdir()
+            with SampleServer(www) as server:
+                metadata = write_metadata(root, server.base_url, crawl_like_jpegs(n))
+                for r in range(args.repeats):
+                    for name in runs[n]:  # interleaved, so drifting load hits both alike
+                        out = root / f"out-{r}-{name.split()[0]}"
+                        runs[n][name].append(_run(name.split()[0], metadata, out, args, env))
+                        shutil.rmtree(out)
     cores = os.cpu_count()
-    print(f"{args.images} rows of ~1 MP JPEG, {args.shard_size} rows per shard, on {cores} cores ({cpu_model()})")
-    print(f"`python benchmarks/filter_throughput.py --images {args.images} --repeats {args.repeats}`\n")
-    print("| run | median s | images/s per core | vs plain | driver peak RSS MB | intermediate MB | final shards MB |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    base = statistics.median(r["wall"] for r in runs["plain img2dataset"])
-    for name, results in runs.items():
-        wall = statistics.median(r["wall"] for r in results)
-        last = results[-1]
-        print(
-            f"| {name} | {wall:.1f} | {args.images / wall / cores:.1f} | {wall / base:.2f}x "
-            f"| {max(r['rss_mb'] for r in results):.0f} | {last['intermediate'] / 1e6:.1f} "
-            f"| {last['final'] / 1e6:.1f} |"
-        )
-    pipeline = runs["whole pipeline"][-1]
-    ratio = pipeline["intermediate"] / pipeline["final"] if pipeline["final"] else float("nan")
-    print(f"\npipeline: {pipeline['kept']} of {args.images} images kept; intermediate/final storage {ratio:.2f}x")
-    print("images after each stage: " + ", ".join(f"{k} {v}" for k, v in pipeline["counts"].items()))
-    tars = pipeline["candidate_tars"]
-    rest = pipeline["intermediate"] - tars
-    print(f"intermediate: candidate tars {tars / 1e6:.1f} MB, the rest {rest / 1e6:.1f} MB")
+    print(f"~1 MP JPEGs (crawl_like_jpegs), {args.shard_size} rows per shard, on {cores} cores ({cpu_model()})")
+    print(f"`python benchmarks/filter_throughput.py --images {' '.join(map(str, sizes))} --repeats {args.repeats}`\n")
     print(
-        "pipeline stage seconds (last run, from its log): "
-        + ", ".join(f"{k} {v}" for k, v in pipeline["stages"].items())
+        "| images | run | median s | images/s per core | vs plain | driver peak RSS MB | intermediate MB | final MB |"
     )
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    walls = {n: {name: statistics.median(r["wall"] for r in rs) for name, rs in by.items()} for n, by in runs.items()}
+    for n, by in runs.items():
+        for name, results in by.items():
+            wall, last = walls[n][name], results[-1]
+            print(
+                f"| {n} | {name} | {wall:.1f} | {n / wall / cores:.1f} | {wall / walls[n]['plain img2dataset']:.2f}x "
+                f"| {max(r['rss_mb'] for r in results):.0f} | {last['intermediate'] / 1e6:.1f} "
+                f"| {last['final'] / 1e6:.1f} |"
+            )
+    if len(sizes) > 1:  # the slope between the smallest and largest run: seconds per extra image
+        lo, hi = sizes[0], sizes[-1]
+        slope = {name: (walls[hi][name] - walls[lo][name]) / (hi - lo) for name in walls[hi]}
+        print(f"\nper image, between {lo} and {hi} images (fixed costs of a run taken out):")
+        for name, s in slope.items():
+            fixed = walls[lo][name] - s * lo
+            print(
+                f"- {name}: {1000 * s * cores:.1f} core-ms per image ({1 / s / cores:.1f} images/s per core), "
+                f"{s / slope['plain img2dataset']:.2f}x plain; fixed cost {fixed:.1f} s"
+            )
+    for n, by in runs.items():
+        pipeline = by["whole pipeline"][-1]
+        ratio = pipeline["intermediate"] / pipeline["final"] if pipeline["final"] else float("nan")
+        tars = pipeline["candidate_tars"]
+        print(f"\n{n} images: {pipeline['kept']} kept; intermediate/final storage {ratio:.2f}x")
+        print("images after each stage: " + ", ".join(f"{k} {v}" for k, v in pipeline["counts"].items()))
+        rest = pipeline["intermediate"] - tars
+        print(f"intermediate: candidate tars {tars / 1e6:.1f} MB, the rest {rest / 1e6:.1f} MB")
+        print("stage seconds (last run, from its log): " + ", ".join(f"{k} {v}" for k, v in pipeline["stages"].items()))
 
 
 if __name__ == "__main__":

@@ -39,19 +39,42 @@ from pipelines.sample import SCHEMA, SampleServer
 SHARD_SIZE = 64
 
 
-def distinct_jpegs(n: int, seed: int = 0) -> list[bytes]:
-    """n different ~1 MP JPEGs (q=92): random crops of upscaled photos, so no two are near duplicates
-    by chance of the source alone (the dedup stage still sees what it sees)."""
+def crawl_like_jpegs(n: int, seed: int = 0, duplicate_share: float = 0.03) -> list[bytes]:
+    """n ~1 MP JPEGs (q=92), half a crawl's good images and half its bad ones, plus a few copies:
+    - even rows: mosaics of 256² tiles cut at native resolution from random photos, positions and
+      orientations: sharp, clean, no two alike (they pass the quality checks);
+    - odd rows: crops of a photo upscaled to a 1200 px short side (most sources are 300–640 px:
+      soft, rejected for their effective resolution, as web upscales are);
+    - `duplicate_share` of the rows: an earlier row shrunk by 10% and re-encoded at q=85 (a near
+      duplicate; LAION has a few % of them)."""
     rng = np.random.default_rng(seed)
-    sources, out = photos(), []
+    sources = photos()
+    upscaled = []
+    for img in sources:
+        f = max(1200 / min(img.shape[:2]), 1.0)
+        size = (round(img.shape[1] * f), round(img.shape[0] * f))
+        upscaled.append(np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BICUBIC)))
+    out = []
     for i in range(n):
-        img = Image.fromarray(sources[i % len(sources)])
-        f = max(1200 / min(img.size), 1.0)
-        img = img.resize((round(img.width * f), round(img.height * f)), Image.Resampling.BICUBIC)
-        w, h = 1024, 1024 if i % 2 else 768
-        x, y = rng.integers(0, img.width - w + 1), rng.integers(0, img.height - h + 1)
+        w, h = 1024, 1024 if i % 4 < 2 else 768
+        if i and rng.random() < duplicate_share:
+            img = Image.open(io.BytesIO(out[rng.integers(0, i)]))
+            img, quality = img.resize((img.width * 9 // 10, img.height * 9 // 10), Image.Resampling.LANCZOS), 85
+        elif i % 2 == 0:
+            canvas = np.empty((h + 256, w + 256, 3), np.uint8)  # cut 3 px in: seams off the 8×8 JPEG grid
+            for y in range(0, h + 1, 256):
+                for x in range(0, w + 1, 256):
+                    src = sources[rng.integers(0, len(sources))]
+                    sy, sx = rng.integers(0, src.shape[0] - 255), rng.integers(0, src.shape[1] - 255)
+                    tile = np.rot90(src[sy : sy + 256, sx : sx + 256], rng.integers(0, 4))
+                    canvas[y : y + 256, x : x + 256] = tile[:, ::-1] if rng.random() < 0.5 else tile
+            img, quality = Image.fromarray(canvas[3 : h + 3, 3 : w + 3]), 92
+        else:
+            src = upscaled[rng.integers(0, len(upscaled))]
+            y, x = rng.integers(0, src.shape[0] - h + 1), rng.integers(0, src.shape[1] - w + 1)
+            img, quality = Image.fromarray(src[y : y + h, x : x + w]), 92
         buf = io.BytesIO()
-        img.crop((x, y, x + w, y + h)).convert("RGB").save(buf, "JPEG", quality=92)
+        img.convert("RGB").save(buf, "JPEG", quality=quality)
         out.append(buf.getvalue())
     return out
 
@@ -134,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(tmp)
         (root / "www").mkdir()
         with SampleServer(root / "www") as server:
-            metadata = write_metadata(root, server.base_url, distinct_jpegs(args.rows))
+            metadata = write_metadata(root, server.base_url, crawl_like_jpegs(args.rows))
             for r in range(args.repeats):
                 for name, fn in runs.items():  # interleaved, so drifting load hits all alike
                     out = root / f"out-{r}-{name.split()[0]}"

@@ -213,7 +213,8 @@ def summary_markdown(report: Mapping[str, Any]) -> str:
     if report["failed_checks"]:
         lines += [
             "",
-            "Every failed check (a sample can fail several): "
+            "Failed checks (a sample can fail several; measuring stops at the first group of scores with "
+            "a failure, so a rejected sample lacks the later checks and scores unless `quality.measure_all`): "
             + ", ".join(f"{k} {v}" for k, v in report["failed_checks"].items())
             + ".",
         ]

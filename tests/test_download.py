@@ -26,7 +26,7 @@ from skimage import data
 
 from pipelines.download import DownloadConfig, _download_shard, download, plan_shards
 from pipelines.prefilter import parquet_files
-from pipelines.quality import QualityConfig
+from pipelines.quality import CHECKS, QualityConfig
 from pipelines.ray_env import ensure_ray
 from pipelines.sample import SampleServer, embedded_sample
 
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {"shard_size": 5, "timeout": 2.0, "thread_count": 8}  # 17 rows: shards of 5, 5, 5 and 2
 SHARDS = ["00000", "00001", "00002", "00003"]
 # every check off: each decodable download is a candidate (for tests of the download itself)
-LENIENT = QualityConfig(**{name: None for name in QualityConfig.model_fields})
+LENIENT = QualityConfig(**{name: None for *_, name in CHECKS})
 
 
 @pytest.fixture(scope="module")
@@ -295,3 +295,58 @@ def test_a_failing_shard_is_recorded_and_a_rerun_retries_only_it(prefiltered, fa
     assert rerun.count == 10 and rerun.successes == sum(
         fates[r["hash"]]["fate"] == "kept" or fates[r["hash"]]["fate"].startswith(("quality:", "dedup:")) for r in rows
     )
+
+
+def _encoded(img: Image.Image, fmt: str, **kw) -> io.BytesIO:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    buf.seek(0)
+    return buf
+
+
+def test_the_decoding_resizer_matches_img2dataset_and_keeps_the_pixels():
+    from img2dataset.resizer import Resizer
+
+    from diffbir.image_io import decode_image
+    from pipelines.download import _DecodingResizer
+
+    kw = dict(
+        image_size=300,
+        resize_mode="keep_ratio",
+        resize_only_if_bigger=True,
+        encode_format="jpg",
+        skip_reencode=True,
+        min_image_size=64,
+        max_image_area=600 * 600,
+        max_aspect_ratio=3.0,
+    )
+    ours, theirs = _DecodingResizer(**kw), Resizer(**kw)
+    astronaut = Image.fromarray(data.astronaut())  # 512²: downscaled to 300 and re-encoded
+    rgba = Image.fromarray(data.astronaut()[:200, :250]).convert("RGBA")
+    rgba.putalpha(128)
+    cases = {
+        "jpeg kept": _encoded(astronaut.resize((280, 200)), "JPEG", quality=90),
+        "jpeg downscaled": _encoded(astronaut, "JPEG", quality=90),
+        "png re-encoded": _encoded(astronaut.resize((250, 200)), "PNG"),
+        "transparent": _encoded(rgba, "PNG"),
+        "too small": _encoded(astronaut.resize((60, 60)), "PNG"),
+        "aspect": _encoded(astronaut.resize((400, 100)), "PNG"),
+        "area": _encoded(Image.new("L", (700, 700)), "PNG"),
+        "corrupt": io.BytesIO(b"\x89PNG\r\n\x1a\n" + b"\0" * 100),
+    }
+    for name, stream in cases.items():
+        mine = ours(io.BytesIO(stream.getvalue()))
+        ref = theirs(io.BytesIO(stream.getvalue()))
+        assert mine[1:] == ref[1:], name  # sizes and failure message
+        pixels = ours.take(mine[0])
+        if mine[0] is None:
+            assert pixels is None, name
+            continue
+        stored = decode_image(mine[0], dtype="uint8")[0]
+        assert pixels.pixels.shape == stored.shape == (mine[2], mine[1], 3), name
+        assert (mine[0] == stream.getvalue()) == (name == "jpeg kept"), name  # original bytes where possible
+        error = abs(pixels.pixels.astype(int) - stored).mean()
+        assert error == 0 if name == "jpeg kept" else error < 3, name  # re-encoded: the pixels before the JPEG
+        assert ours.take(mine[0]) is None  # handed over once
+    white = decode_image(ours(io.BytesIO(cases["transparent"].getvalue()))[0], dtype="uint8")[0]
+    assert white.mean() > data.astronaut()[:200, :250].mean() + 40  # flattened onto white, as img2dataset does

@@ -121,7 +121,9 @@ def test_the_streaming_pass_stores_only_candidates_and_every_rows_fate(result):
         status = {"download": "failed", "quality": "rejected"}.get(want.split(":")[0], "kept")
         assert row["status"] == status, (want, row)
         assert (row["reason"] is None) == (status == "kept")
-        assert (row["sharpness"] is None) == (status == "failed")  # scores wherever measured
+        # scores wherever measured: the first group always, the others until a check fails
+        assert (row["entropy"] is None) == (status == "failed")
+        assert (row["noise_sigma"] is None) == (status != "kept" and row["reason"] != "noisy")
     stored = {
         s["__key__"]: s for s in wds.WebDataset([str(t) for t in sorted(candidates.glob("*.tar"))], shardshuffle=False)
     }

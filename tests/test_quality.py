@@ -71,8 +71,26 @@ VARIANTS = {  # name: (photo → encoded degraded copy, the reason it must be re
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_degraded_variants_rejected_for_the_right_reason(photo, variant):
     make, reason = VARIANTS[variant]
-    result = q.assess(make(PHOTOS[photo]))
+    result = q.assess(make(PHOTOS[photo]), config=q.QualityConfig(measure_all=True))
     assert not result.passed and reason in result.reasons, (variant, result.reasons, result.scores)
+
+
+def test_measuring_stops_at_the_first_failed_check_with_the_same_verdict():
+    images = [encode(PHOTOS[p]) for p in PHOTOS] + [make(PHOTOS[p]) for p in PHOTOS for make, _ in VARIANTS.values()]
+    every = q.QualityConfig(measure_all=True)
+    stopped_early = 0
+    for img_bytes in images:
+        full, quick = q.assess(img_bytes, config=every), q.assess(img_bytes)
+        # the checks of the groups measured, in the same order: the primary reason is the same
+        assert quick.passed == full.passed and quick.reasons == full.reasons[: len(quick.reasons)]
+        assert quick.reasons or full.passed
+        assert {k: full.scores[k] for k in quick.scores} == quick.scores  # the same measures, fewer of them
+        if full.passed:
+            assert quick == full
+        elif full.reasons != ["decode_error"]:
+            assert quick.phash is None and full.phash is not None  # dedup only needs the candidates'
+            stopped_early += "noise_sigma" not in quick.scores  # the costliest measure, taken last
+    assert stopped_early >= len(images) // 2
 
 
 @pytest.mark.parametrize("quality", [30, 50, 75, 90])
@@ -341,7 +359,7 @@ def test_learned_iqa_stage_streams_over_candidates_reading_their_bytes(tmp_path,
                 {"key": key, "source": str(tmp_path / "00000.tar"), "offset": where["png"].offset, "size": len(data)}
                 | {"ext": "png", "image": data, "caption": "", "meta": "{}", "error": None}
             )
-    lenient = q.QualityConfig(**{name: None for name in q.QualityConfig.model_fields})
+    lenient = q.QualityConfig(**{name: None for *_, name in q.CHECKS})
     candidates = q.score_rows(rows, lenient)
     cut = (ASTRONAUT // 4).mean() / 255 + 0.05  # between the dark copy and the others
     cfg = q.LearnedIQAConfig(name="tiny-test", weights_path=str(tiny_weights), min_score=cut, batch_size=2)

@@ -24,7 +24,7 @@ from pipelines.quality.dataset import (
     score_rows,
     split_quality,
 )
-from pipelines.quality.judge import CHECKS, QualityConfig, QualityResult, assess, assess_batch, judge
+from pipelines.quality.judge import CHECKS, Decoded, QualityConfig, QualityResult, assess, assess_batch, judge
 from pipelines.quality.learned import (
     LEARNED_IQA,
     LearnedIQA,
@@ -54,6 +54,7 @@ from pipelines.quality.measures import (
 __all__ = [
     "CHECKS",
     "DETAIL_LEVEL",
+    "Decoded",
     "DOWNLOADED_SAMPLE_SCHEMA",
     "LEARNED_IQA",
     "NORM_SIDE",

@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from diffbir.image_io import READABLE_SUFFIXES, ImageError, decode_image
 from pipelines.arrow import batched_tables
-from pipelines.quality.judge import QualityConfig, assess_batch
+from pipelines.quality.judge import Decoded, QualityConfig, assess_batch
 from pipelines.quality.learned import LearnedIQA, LearnedIQAConfig, learned_iqa_class, load_learned_iqa
 from pipelines.quality.measures import SCORE_NAMES, SCORE_TYPES
 from pipelines.tars import iter_samples, read_members
@@ -105,10 +105,16 @@ def _parse_meta(text: str) -> dict | None:
     return meta if isinstance(meta, dict) else None
 
 
-def score_rows(rows: Sequence[Mapping[str, Any]], config: QualityConfig, iqa: LearnedIQA | None = None) -> list[dict]:
-    """DOWNLOADED_SAMPLE_SCHEMA rows → SCORED_SCHEMA rows (bytes replaced by their SHA-256)."""
+def score_rows(
+    rows: Sequence[Mapping[str, Any]],
+    config: QualityConfig,
+    iqa: LearnedIQA | None = None,
+    decoded: Sequence[Decoded | None] | None = None,
+) -> list[dict]:
+    """DOWNLOADED_SAMPLE_SCHEMA rows → SCORED_SCHEMA rows (bytes replaced by their SHA-256).
+    `decoded`: per row, its image already decoded (None: decoded here)."""
     out, todo = [], []
-    for row in rows:
+    for row, done in zip(rows, decoded or [None] * len(rows)):
         rec = {k: row[k] for k in DOWNLOADED_SAMPLE_SCHEMA.names if k != "image"}
         rec |= dict.fromkeys(SCORE_NAMES) | {
             "sha256": None,
@@ -124,9 +130,10 @@ def score_rows(rows: Sequence[Mapping[str, Any]], config: QualityConfig, iqa: Le
             rec["reasons"] = [rec["error"]]
         else:
             rec["sha256"] = hashlib.sha256(row["image"]).hexdigest()
-            todo.append((rec, row["image"], meta))
+            todo.append((rec, row["image"], meta, done))
         out.append(rec)
-    for (rec, _, _), result in zip(todo, assess_batch([(img, meta) for _, img, meta in todo], config, iqa)):
+    items = [(img, meta) for _, img, meta, _ in todo]
+    for (rec, *_), result in zip(todo, assess_batch(items, config, iqa, [done for *_, done in todo])):
         rec |= result.scores
         rec |= {"phash": result.phash, "reasons": result.reasons}
     for rec in out:

@@ -5,32 +5,33 @@ learned scorer sees the decodable images in one call)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from diffbir.image_io import ImageError, decode_image
 from pipelines.dedup import phash_hex
 from pipelines.quality.learned import LearnedIQA, LearnedIQAConfig, load_learned_iqa
-from pipelines.quality.measures import measure
+from pipelines.quality.measures import measure_stages
 
-# (reason, score, "min"|"max", config field) in priority order: the first failure is the primary
-# reason a sample is counted under; all failures are kept in `reasons`.
+# (reason, score, "min"|"max", config field) in the order the scores are measured
+# (`measures.STAGES`, cheapest first): the first failure is the primary reason a sample is
+# counted under, the same whether the measuring stopped there or went on (`measure_all`).
 CHECKS = (
     ("too_small", "short_side", "min", "min_short_side"),
-    ("low_effective_resolution", "effective_short_side", "min", "min_effective_short_side"),
-    ("blurry", "sharpness", "min", "min_sharpness"),
-    ("noisy", "noise_sigma", "max", "max_noise_sigma"),
     ("low_jpeg_quality", "jpeg_quality", "min", "min_jpeg_quality"),
-    ("blocky", "blockiness", "max", "max_blockiness"),
     ("low_entropy", "entropy", "min", "min_entropy"),
-    ("flat", "flat_fraction", "max", "max_flat_fraction"),
     ("underexposed", "mean_luminance", "min", "min_mean_luminance"),
     ("underexposed", "dark_fraction", "max", "max_dark_fraction"),
     ("overexposed", "mean_luminance", "max", "max_mean_luminance"),
     ("overexposed", "bright_fraction", "max", "max_bright_fraction"),
+    ("low_effective_resolution", "effective_short_side", "min", "min_effective_short_side"),
+    ("blocky", "blockiness", "max", "max_blockiness"),
+    ("blurry", "sharpness", "min", "min_sharpness"),
+    ("flat", "flat_fraction", "max", "max_flat_fraction"),
+    ("noisy", "noise_sigma", "max", "max_noise_sigma"),
 )
 
 
@@ -52,6 +53,12 @@ class QualityConfig(BaseModel):
     max_mean_luminance: float | None = 0.90
     max_dark_fraction: float | None = 0.25  # clean ≤ 0.17; 2.7 stops underexposed 0.30
     max_bright_fraction: float | None = 0.20  # clean ≤ 0.05; +1.6 stops overexposed 0.56
+    measure_all: bool = Field(
+        False,
+        description="measure every score of every image and list every failed check (for calibrating "
+        "thresholds); by default measuring stops at the first failed check, which leaves the later "
+        "scores of a rejected image empty and costs a fraction",
+    )
     learned_iqa: LearnedIQAConfig | None = None
 
     def thresholds(self) -> dict[str, list[tuple[str, float]]]:
@@ -65,12 +72,21 @@ class QualityConfig(BaseModel):
         return out
 
 
+class Decoded(NamedTuple):
+    """An image as the measures take it: H×W×3 RGB uint8 (`decode_image(..., dtype=np.uint8)`)
+    and its JPEG quantization tables (None when not a JPEG)."""
+
+    pixels: np.ndarray
+    quantization: Mapping[int, Sequence[int]] | None
+
+
 @dataclass
 class QualityResult:
     scores: dict[str, float | int | None]
     passed: bool
     reasons: list[str]
     phash: str | None = None  # 64-bit pHash (hex) for dedup, computed here so each image is decoded once
+    pixels: np.ndarray | None = field(default=None, repr=False, compare=False)  # only while scoring a batch
 
 
 def judge(scores: Mapping[str, Any], config: QualityConfig, meta: Mapping[str, Any] | None = None) -> list[str]:
@@ -96,26 +112,51 @@ def judge(scores: Mapping[str, Any], config: QualityConfig, meta: Mapping[str, A
     return reasons
 
 
+def _measure_and_judge(
+    pixels: np.ndarray, quantization, meta: Mapping[str, Any] | None, config: QualityConfig
+) -> QualityResult:
+    """Measure group by group, judging after each; stop at the first failure unless
+    `config.measure_all`."""
+    scores: dict[str, float | int | None] = {}
+    for group in measure_stages(pixels, quantization):
+        scores |= group
+        if not config.measure_all and (reasons := judge(scores, config, meta)):
+            return QualityResult(scores, False, reasons)
+    return QualityResult(scores, True, [])
+
+
 def assess_batch(
-    items: Sequence[tuple[bytes, Mapping[str, Any] | None]], config: QualityConfig, iqa: LearnedIQA | None = None
+    items: Sequence[tuple[bytes, Mapping[str, Any] | None]],
+    config: QualityConfig,
+    iqa: LearnedIQA | None = None,
+    decoded: Sequence[Decoded | None] | None = None,
 ) -> list[QualityResult]:
-    """`assess` over a batch, so a learned scorer sees the decodable images in one call."""
-    results, kept_pixels = [], {}  # index of each decodable item → its pixels (only for the scorer)
-    for i, (image_bytes, _) in enumerate(items):
-        try:
-            pixels, info = decode_image(image_bytes, dtype=np.uint8)
-        except ImageError:
-            results.append(QualityResult({}, False, ["decode_error"]))
-            continue
-        results.append(QualityResult(measure(pixels, info.quantization), True, [], phash_hex(pixels)))
-        kept_pixels[i] = pixels if iqa is not None else None
-    if iqa is not None and kept_pixels:
-        values = np.asarray(iqa.score(list(kept_pixels.values())), dtype=float).reshape(-1)
-        for i, value in zip(kept_pixels, values):
-            results[i].scores["learned_iqa"] = float(value)
-    for i in kept_pixels:
-        results[i].reasons = judge(results[i].scores, config, items[i][1])
-        results[i].passed = not results[i].reasons
+    """`assess` over a batch, so a learned scorer sees in one call the images that passed the
+    pixel checks (with `measure_all`: every decodable image). `decoded`: per item, its pixels
+    and JPEG tables where the caller has decoded it already (None: decoded here)."""
+    results = []
+    for (image_bytes, meta), done in zip(items, decoded or [None] * len(items)):
+        if done is None:
+            try:
+                pixels, info = decode_image(image_bytes, dtype=np.uint8)
+            except ImageError:
+                results.append(QualityResult({}, False, ["decode_error"]))
+                continue
+            done = Decoded(pixels, info.quantization)
+        pixels = done.pixels
+        result = _measure_and_judge(pixels, done.quantization, meta, config)
+        if result.passed or config.measure_all:  # dedup and the learned scorer only see candidates
+            result.phash, result.pixels = phash_hex(pixels), pixels
+        results.append(result)
+    scored = [r for r in results if r.pixels is not None]
+    if iqa is not None and scored:
+        values = np.asarray(iqa.score([r.pixels for r in scored]), dtype=float).reshape(-1)
+        for result, value in zip(scored, values):
+            result.scores["learned_iqa"] = float(value)
+    for result, (_, meta) in zip(results, items):
+        if result.pixels is not None:
+            result.reasons = judge(result.scores, config, meta)
+            result.passed, result.pixels = not result.reasons, None
     return results
 
 

@@ -10,8 +10,9 @@ at native resolution.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -82,8 +83,10 @@ def hf_energy_ratio(img: np.ndarray, tile: int = 256, tiles: int = 4) -> float:
     t = min(tile, *g.shape)
     if t < 16:
         return 0.0
-    crops = [g[y : y + t, x : x + t] for y in range(0, g.shape[0] - t + 1, t) for x in range(0, g.shape[1] - t + 1, t)]
-    crops = np.stack(sorted(crops, key=lambda c: -float(c.var()))[:tiles])
+    ny, nx = g.shape[0] // t, g.shape[1] // t
+    grid = g[: ny * t, : nx * t].reshape(ny, t, nx, t)  # tile (i, j) is grid[i, :, j, :], no copy
+    most_varied = np.argsort(-grid.var(axis=(1, 3)).ravel(), kind="stable")[:tiles]
+    crops = np.stack([grid[i // nx, :, i % nx, :] for i in most_varied])
     window = np.outer(np.hanning(t), np.hanning(t)).astype(np.float32)
     power = (np.abs(scipy.fft.rfft2((crops - crops.mean(axis=(1, 2), keepdims=True)) * window)) ** 2).sum(axis=0)
     power[:, 1 : (t + 1) // 2] *= 2  # rfft keeps one of each conjugate pair of columns
@@ -106,7 +109,7 @@ def effective_short_side(img: np.ndarray) -> int:
     return 0
 
 
-_IMMERKAER = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
+_D2 = np.array([1, -2, 1], np.float32)  # Immerkær's mask [[1,-2,1],[-2,4,-2],[1,-2,1]] is D2ᵀ·D2
 
 
 def noise_sigma(img: np.ndarray) -> float:
@@ -119,14 +122,19 @@ def noise_sigma(img: np.ndarray) -> float:
     gray = to_gray(crop)
     dx, dy = cv2.spatialGradient(cv2.GaussianBlur(gray, (0, 0), 2))
     grad = np.abs(dx) + np.abs(dy)
-    mask = (gray > 2) & (gray < 253)
-    mask[[0, -1], :] = mask[:, [0, -1]] = False  # the 3×3 filter is undefined on the border
+    mask = cv2.inRange(gray, 3, 252)  # 255 where unclipped
+    mask[[0, -1], :] = mask[:, [0, -1]] = 0  # the 3×3 filter is undefined on the border
+    sample = grad.ravel()[::7][mask.ravel()[::7] > 0]  # every 7th pixel gives the same median, 7× cheaper
+    if not sample.size:
+        return 0.0
+    mask &= (grad <= np.median(sample)).view(np.uint8)
     if not mask.any():
         return 0.0
-    mask &= grad <= np.median(grad[mask][::7])  # a subsample gives the same median, 7× cheaper
-    channels = crop.reshape(*crop.shape[:2], -1).transpose(2, 0, 1)
-    residual = [np.abs(cv2.filter2D(c.astype(np.float32), -1, _IMMERKAER))[mask].mean() for c in channels]
-    return float(np.mean(residual) * math.sqrt(math.pi / 2) / 6)
+    # exact in int16 (|residual| ≤ 16·255 per channel); one masked mean of the channels' sum is
+    # the mean of their masked means, and OpenCV's is ~3× faster than a numpy boolean mask
+    channels = cv2.split(crop)
+    residual = sum(np.abs(cv2.sepFilter2D(c, cv2.CV_16S, _D2, _D2)) for c in channels)
+    return float(cv2.mean(residual, mask=mask)[0] / len(channels) * math.sqrt(math.pi / 2) / 6)
 
 
 def blockiness(img: np.ndarray) -> float:
@@ -136,11 +144,11 @@ def blockiness(img: np.ndarray) -> float:
     re-save hid from the quantisation tables."""
     g = to_gray(_center_crop(img))
     ratios = []
-    for a in (g, np.ascontiguousarray(g.T)):
-        if a.shape[1] < 17:
+    for axis in (1, 0):
+        if g.shape[axis] < 17:
             continue
-        d = cv2.absdiff(a[:, 1:], a[:, :-1])
-        edge = d[:, 7::8]
+        d = cv2.absdiff(g[:, 1:], g[:, :-1]) if axis else cv2.absdiff(g[1:], g[:-1])
+        edge = d[:, 7::8] if axis else d[7::8]
         edge_sum, total = int(edge.sum(dtype=np.int64)), int(d.sum(dtype=np.int64))
         inner = (total - edge_sum) / (d.size - edge.size)
         ratios.append(edge_sum / edge.size / inner if inner > 1e-3 else 1.0)
@@ -256,27 +264,60 @@ def jpeg_quality(quantization: Mapping[int, Sequence[int]] | None) -> int | None
     return int(np.argmin(errors)) + 1
 
 
+class _Views:
+    """The derived images several measures share, each made once, when first needed."""
+
+    def __init__(self, px: np.ndarray):
+        self.px = px
+
+    @functools.cached_property
+    def gray(self) -> np.ndarray:
+        return to_gray(self.px)
+
+    @functools.cached_property
+    def norm(self) -> np.ndarray:
+        return _normalised(self.gray)
+
+
+def _resolution(v: _Views) -> dict[str, float | int]:
+    hf = hf_energy_ratio(v.gray)
+    effective = min(v.gray.shape) if hf >= DETAIL_LEVEL else effective_short_side(v.gray)
+    return {"hf_energy_ratio": hf, "effective_short_side": effective}
+
+
+# The measures in groups, cheapest first (per ~1 MP image on one core: luminance ~0.5 ms,
+# resolution ~2 ms, blockiness ~1.6 ms, detail ~5 ms, noise ~4 ms). The judge checks each group's
+# scores as they come and, unless told to measure everything, stops at the first failed check:
+# the rejected majority of a web crawl then costs a fraction of a full measurement.
+STAGES: tuple[Callable[[_Views], dict[str, float | int]], ...] = (
+    lambda v: luminance_stats(v.gray),
+    _resolution,
+    lambda v: {"blockiness": blockiness(v.gray)},
+    lambda v: {"sharpness": sharpness(v.norm), "flat_fraction": flat_fraction(v.norm)},
+    lambda v: {"noise_sigma": noise_sigma(v.px)},
+)
+
+
+def measure_stages(
+    px: np.ndarray, quantization: Mapping[int, Sequence[int]] | None = None
+) -> Iterator[dict[str, float | int | None]]:
+    """The pixel scores of one image (SCORE_TYPES without `learned_iqa`, which the scorer adds),
+    group by group in `STAGES` order; the first group also holds what the header gives (size,
+    `jpeg_quality`). `px` is H×W×3 RGB uint8 as `decode_image(..., dtype=np.uint8)` gives it,
+    `quantization` its ImageInfo's JPEG tables."""
+    h, w = px.shape[:2]
+    views = _Views(px)
+    header = {"width": w, "height": h, "short_side": min(w, h), "jpeg_quality": jpeg_quality(quantization)}
+    for i, stage in enumerate(STAGES):
+        yield (header if i == 0 else {}) | stage(views)
+
+
 def measure(px: np.ndarray, quantization: Mapping[int, Sequence[int]] | None = None) -> dict[str, float | int | None]:
-    """Every pixel score of one image (SCORE_TYPES without `learned_iqa`, which the scorer adds):
-    `px` is H×W×3 RGB uint8 as `decode_image(..., dtype=np.uint8)` gives it, `quantization` its
-    ImageInfo's JPEG tables."""
-    gray = to_gray(px)
-    norm = _normalised(gray)  # shared by the size-normalised measurements
-    h, w = gray.shape
-    hf = hf_energy_ratio(gray)
-    return {
-        "width": w,
-        "height": h,
-        "short_side": min(w, h),
-        "effective_short_side": min(w, h) if hf >= DETAIL_LEVEL else effective_short_side(gray),
-        "hf_energy_ratio": hf,
-        "sharpness": sharpness(norm),
-        "noise_sigma": noise_sigma(px),
-        "jpeg_quality": jpeg_quality(quantization),
-        "blockiness": blockiness(gray),
-        "flat_fraction": flat_fraction(norm),
-        **luminance_stats(gray),
-    }
+    """Every pixel score of one image (`measure_stages`, merged)."""
+    scores: dict[str, float | int | None] = {}
+    for group in measure_stages(px, quantization):
+        scores |= group
+    return scores
 
 
 SCORE_TYPES: dict[str, pa.DataType] = {
