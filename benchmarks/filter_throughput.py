@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Runs in a fresh interpreter: the driver's peak RSS is its own.
 CHILD = """
-import json, resource, sys
+import json, sys
 kind, metadata, out, shard_size, threads = json.loads(sys.argv[1])
 if kind == "plain":
     from img2dataset import download
@@ -58,7 +58,9 @@ else:
     code = main(["--metadata", metadata, "--output", out, "--download.shard-size", str(shard_size),
                  "--download.thread-count", str(threads)])
     assert code == 0, code
-print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so it would report the parent's size
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps({"maxrss_kb": int(hwm.split()[1])}))
 """
 _STAGE_TIME = re.compile(r" filter_laion ([\w+ ]+): .*?\((\d+) s")
 

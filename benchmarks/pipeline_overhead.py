@@ -43,17 +43,18 @@ def crawl_like_jpegs(n: int, seed: int = 0, duplicate_share: float = 0.03) -> li
     """n ~1 MP JPEGs (q=92), half a crawl's good images and half its bad ones, plus a few copies:
     - even rows: mosaics of 256² tiles cut at native resolution from random photos, positions and
       orientations: sharp, clean, no two alike (they pass the quality checks);
-    - odd rows: crops of a photo upscaled to a 1200 px short side (most sources are 300–640 px:
-      soft, rejected for their effective resolution, as web upscales are);
+    - odd rows: crops of a photo reduced to a 300 px short side and upscaled 4×: soft, rejected
+      for their effective resolution, as web upscales are;
     - `duplicate_share` of the rows: an earlier row shrunk by 10% and re-encoded at q=85 (a near
       duplicate; LAION has a few % of them)."""
     rng = np.random.default_rng(seed)
     sources = photos()
     upscaled = []
     for img in sources:
-        f = max(1200 / min(img.shape[:2]), 1.0)
+        f = 300 / min(img.shape[:2])
         size = (round(img.shape[1] * f), round(img.shape[0] * f))
-        upscaled.append(np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BICUBIC)))
+        small = Image.fromarray(img).resize(size, Image.Resampling.LANCZOS)
+        upscaled.append(np.asarray(small.resize((small.width * 4, small.height * 4), Image.Resampling.BICUBIC)))
     out = []
     for i in range(n):
         w, h = 1024, 1024 if i % 4 < 2 else 768

@@ -19,7 +19,7 @@ from diffbir.captioning import CaptionerSettings
 from diffbir.config import MATMUL_PRECISION_HELP, Dtype, MatmulPrecision
 from diffbir.config import parse_config as _parse_config
 from diffbir.faces import FaceConfig
-from diffbir.pipeline import RestoreOptions
+from diffbir.pipeline import MAX_FACES, RestoreOptions
 
 TOKEN_ENV = "DIFFBIR_SERVE_TOKEN"  # the bearer token when the config names none
 
@@ -114,7 +114,9 @@ class ServeConfig(CaptionerSettings):  # the captioner fields: a replica caption
         400, ge=1, description="most tiles over the working canvas (tile_size, tile_stride: each tile is a model call)"
     )
     max_prompt_chars: int = Field(1000, ge=0, description="longest prompt and negative_prompt")
-    max_faces: int = Field(16, ge=0, description="most faces one unaligned_face request restores (max_faces)")
+    max_faces: int = Field(
+        16, ge=0, le=MAX_FACES, description="most faces one unaligned_face request restores (max_faces)"
+    )
 
     # access
     auth_token_file: str | None = Field(

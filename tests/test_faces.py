@@ -148,6 +148,8 @@ def test_landmark_options_parse_json_and_are_limited():
         RestoreOptions(task="sr", landmarks=[ASTRONAUT.tolist()])
     with pytest.raises(ValidationError, match="max_faces"):
         RestoreOptions(task="unaligned_face", max_faces=100_000)
+    with pytest.raises(ValidationError, match="max_faces"):  # the server's own cap is bounded too
+        ServeConfig(max_faces=100_000)
 
 
 def two_faces() -> tuple[np.ndarray, np.ndarray]:
