@@ -1,6 +1,7 @@
 """The quality judge: thresholds on the measures (`QualityConfig`), the decision with its reasons
 (`judge`), and `assess`, which decodes, measures and judges one image (or a batch, so that a
-learned scorer sees the decodable images in one call)."""
+learned scorer sees the passing images in one call), measuring group by group and stopping at the
+first failed check unless `QualityConfig.measure_all`."""
 
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ Units: pixel values are 8-bit levels (0..255); `mean_luminance` and the fraction
 `entropy` is in bits (0..8). Measurements that would otherwise scale with the image size
 (sharpness, flat fraction) are taken on the gray image resized to a short side of `NORM_SIDE`;
 the ones that describe pixel-level structure (effective resolution, noise, blockiness) are taken
-at native resolution.
+at native resolution. `measure_stages` yields them in groups, cheapest first (`STAGES`), so that a
+judge can stop early; `measure` takes them all.
 """
 
 from __future__ import annotations
