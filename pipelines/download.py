@@ -389,6 +389,7 @@ class _DecodingResizer(Resizer):
                 if img.width * img.height > self.max_image_area:
                     return None, None, None, None, None, _AREA_ERROR
                 fmt = (img.format or "").lower()
+                fmt = "jpeg" if fmt == "mpo" else fmt  # MPO (phone photos) is a JPEG with more frames
             pixels, info = decode_image(data, dtype=np.uint8, max_pixels=self.max_image_area)
         except Image.DecompressionBombError:
             return None, None, None, None, None, _AREA_ERROR
