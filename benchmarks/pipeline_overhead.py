@@ -1,7 +1,7 @@
 """The data pipeline's overhead over plain img2dataset, on the same input.
 
-A LAION-style parquet of N rows points at N distinct ~1 MP JPEGs (crops of scikit-image's and
-scikit-learn's photos) served on 127.0.0.1. Three runs over it, each repeated:
+A LAION-style parquet of N rows points at N ~1 MP JPEGs like a crawl's (`crawl_like_jpegs`, made
+from scikit-image's and scikit-learn's photos) served on 127.0.0.1. Three runs over it, each repeated:
 - plain: `img2dataset.download` (its multiprocessing distributor, one process per core, original
   bytes kept), the tool people would otherwise use;
 - download: this platform's download stage alone (img2dataset's downloader in per-shard Ray
@@ -142,7 +142,7 @@ def run_pipeline(metadata: Path, out: Path) -> None:
 
 class BenchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    rows: int = Field(256, ge=1, description="metadata rows, each a distinct ~1 MP JPEG")
+    rows: int = Field(256, ge=1, le=100_000, description="metadata rows, each a ~1 MP JPEG")
     repeats: int = Field(3, ge=1, description="runs of each kind (median taken)")
 
 
