@@ -2,7 +2,7 @@
 restoration *target*? Split along its layers:
 
 - `measures`: pure functions over a decoded numpy image (sharpness, noise, blockiness, JPEG
-  quality, ...; `measure` takes them all);
+  quality, ...; `measure_stages` takes them in groups, cheapest first);
 - `judge`: the thresholds (`QualityConfig`), the decision with its reasons (`judge`) and
   `assess`, which decodes, measures and judges one image;
 - `learned`: learned no-reference IQA models (protocol, registry, `TorchIQA`);
@@ -45,7 +45,7 @@ from pipelines.quality.measures import (
     hf_energy_ratio,
     jpeg_quality,
     luminance_stats,
-    measure,
+    measure_stages,
     noise_sigma,
     sharpness,
     to_gray,
@@ -81,7 +81,7 @@ __all__ = [
     "learned_iqa_class",
     "load_learned_iqa",
     "luminance_stats",
-    "measure",
+    "measure_stages",
     "noise_sigma",
     "read_tars",
     "register_learned_iqa",

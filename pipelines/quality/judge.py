@@ -6,7 +6,7 @@ first failed check unless `QualityConfig.measure_all`."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -87,7 +87,6 @@ class QualityResult:
     passed: bool
     reasons: list[str]
     phash: str | None = None  # 64-bit pHash (hex) for dedup, computed here so each image is decoded once
-    pixels: np.ndarray | None = field(default=None, repr=False, compare=False)  # only while scoring a batch
 
 
 def judge(scores: Mapping[str, Any], config: QualityConfig, meta: Mapping[str, Any] | None = None) -> list[str]:
@@ -135,8 +134,8 @@ def assess_batch(
     """`assess` over a batch, so a learned scorer sees in one call the images that passed the
     pixel checks (with `measure_all`: every decodable image). `decoded`: per item, its pixels
     and JPEG tables where the caller has decoded it already (None: decoded here)."""
-    results = []
-    for (image_bytes, meta), done in zip(items, decoded or [None] * len(items)):
+    results, candidates = [], {}  # index of each image judged on its pixels → the pixels (for the scorer)
+    for i, ((image_bytes, meta), done) in enumerate(zip(items, decoded or [None] * len(items))):
         if done is None:
             try:
                 pixels, info = decode_image(image_bytes, dtype=np.uint8)
@@ -144,20 +143,17 @@ def assess_batch(
                 results.append(QualityResult({}, False, ["decode_error"]))
                 continue
             done = Decoded(pixels, info.quantization)
-        pixels = done.pixels
-        result = _measure_and_judge(pixels, done.quantization, meta, config)
+        result = _measure_and_judge(done.pixels, done.quantization, meta, config)
         if result.passed or config.measure_all:  # dedup and the learned scorer only see candidates
-            result.phash, result.pixels = phash_hex(pixels), pixels
+            result.phash, candidates[i] = phash_hex(done.pixels), done.pixels
         results.append(result)
-    scored = [r for r in results if r.pixels is not None]
-    if iqa is not None and scored:
-        values = np.asarray(iqa.score([r.pixels for r in scored]), dtype=float).reshape(-1)
-        for result, value in zip(scored, values):
-            result.scores["learned_iqa"] = float(value)
-    for result, (_, meta) in zip(results, items):
-        if result.pixels is not None:
-            result.reasons = judge(result.scores, config, meta)
-            result.passed, result.pixels = not result.reasons, None
+    if iqa is not None and candidates:
+        values = np.asarray(iqa.score(list(candidates.values())), dtype=float).reshape(-1)
+        for i, value in zip(candidates, values):
+            results[i].scores["learned_iqa"] = float(value)
+    for i in candidates:
+        results[i].reasons = judge(results[i].scores, config, items[i][1])
+        results[i].passed = not results[i].reasons
     return results
 
 

@@ -6,7 +6,7 @@ Units: pixel values are 8-bit levels (0..255); `mean_luminance` and the fraction
 (sharpness, flat fraction) are taken on the gray image resized to a short side of `NORM_SIDE`;
 the ones that describe pixel-level structure (effective resolution, noise, blockiness) are taken
 at native resolution. `measure_stages` yields them in groups, cheapest first (`STAGES`), so that a
-judge can stop early; `measure` takes them all.
+judge can stop early.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _normalised(gray: np.ndarray, side: int = NORM_SIDE) -> np.ndarray:
     whatever the source size. (OpenCV's area and bicubic do not: one retina photo measured
     Laplacian variance 68 from 1411 px and 43 from 600 px; with this, 91 and 90.)"""
     h, w = gray.shape
-    if min(h, w) != side:  # `measure` normalises once and passes the result on
+    if min(h, w) != side:  # `measure_stages` normalises once and passes the result on
         f = side / min(h, w)
         size = (max(1, round(w * f)), max(1, round(h * f)))
         gray = np.asarray(Image.fromarray(gray).resize(size, Image.Resampling.LANCZOS))
@@ -311,14 +311,6 @@ def measure_stages(
     header = {"width": w, "height": h, "short_side": min(w, h), "jpeg_quality": jpeg_quality(quantization)}
     for i, stage in enumerate(STAGES):
         yield (header if i == 0 else {}) | stage(views)
-
-
-def measure(px: np.ndarray, quantization: Mapping[int, Sequence[int]] | None = None) -> dict[str, float | int | None]:
-    """Every pixel score of one image (`measure_stages`, merged)."""
-    scores: dict[str, float | int | None] = {}
-    for group in measure_stages(px, quantization):
-        scores |= group
-    return scores
 
 
 SCORE_TYPES: dict[str, pa.DataType] = {
